@@ -1,0 +1,31 @@
+# Two commands do everything (see README.md):
+#   make quickstart   build the environment if missing, then train, evaluate and write figures
+#   make test         build the environment if missing, then run pytest and nbval over every notebook
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: quickstart test env clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+env: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/kdpo quickstart --out outputs/quickstart
+
+test: $(STAMP)
+	KDPO_FAST=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+	  $(BIN)/python -m pytest -q tests
+	KDPO_FAST=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+	  $(BIN)/python -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider notebooks
+
+clean:
+	rm -rf $(VENV) outputs runs
