@@ -1,0 +1,139 @@
+"""What alignment did, measured: held-out preference accuracy, KL to the reference, exact rewards.
+
+* Preference accuracy and margins: on held-out pairs, the fraction with rho_w > rho_l and the mean of
+  beta * (rho_w - rho_l) (TRL's rewards/accuracies and rewards/margins).
+* KL(pi || pi_ref), estimated by Monte Carlo on sampled responses: KL = E_{y ~ pi}[log pi(y|x) -
+  log pi_ref(y|x)] (sequence level, unbiased; not the DPO margin relabelled as KL).
+* Ground-truth reward of sampled responses (the suite's exact reward functions, no judge model) for the
+  policy and for the reference, and the win-rate P(r(y_pi) > r(y_ref)) + P(tie)/2, per family.
+"""
+from collections import defaultdict
+
+import torch
+
+from kdpo_lab import data as kdata
+from kdpo_lab import models
+
+
+@torch.no_grad()
+def preference_metrics(model, ref_model, feats, pairs, beta, pad_id, batch_size=32):
+    """Held-out accuracy (rho_w > rho_l) and mean margin beta * (rho_w - rho_l), overall and per family."""
+    device = next(model.parameters()).device
+    rho_w, rho_l = [], []
+    model.eval()
+    for i in range(0, len(feats), batch_size):
+        batch = {k: v.to(device) for k, v in kdata.collate(feats[i:i + batch_size], pad_id).items()}
+        args = (batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        pw, pl = models.sequence_logps(model, *args)["logps"].float().chunk(2)
+        with models.reference_context(model, ref_model) as ref:
+            rw, rl = models.sequence_logps(ref, *args)["logps"].float().chunk(2)
+        rho_w.append((pw - rw).cpu())
+        rho_l.append((pl - rl).cpu())
+    rho_w, rho_l = torch.cat(rho_w), torch.cat(rho_l)
+    correct = (rho_w > rho_l).float()
+    result = {"pref/accuracy": correct.mean().item(), "pref/margin": (beta * (rho_w - rho_l)).mean().item()}
+    for family, rows in _by_family(pairs).items():
+        result[f"pref/accuracy/{family}"] = correct[rows].mean().item()
+    return result
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, eos_id, pad_id, max_new_tokens=32, temperature=1.0, seed=0, batch_size=32):
+    """Sample one response per prompt (lists of token ids in, lists of response token ids out, eos kept)."""
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    model.eval()
+    responses = []
+    for i in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[i:i + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in chunk], device=device)  # left pad
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
+                             top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id)
+        for row in out[:, width:].tolist():
+            responses.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
+    return responses
+
+
+@torch.no_grad()
+def sequence_logps_of(model, prompt_ids, response_ids, pad_id, batch_size=32):
+    """log pi(y|x) summed over response tokens, for lists of prompt and response token ids."""
+    device = next(model.parameters()).device
+    result = []
+    for i in range(0, len(prompt_ids), batch_size):
+        rows = [list(p) + list(r) for p, r in zip(prompt_ids[i:i + batch_size], response_ids[i:i + batch_size])]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
+        attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+        resp = torch.zeros_like(attn)
+        for j, (p, r) in enumerate(zip(prompt_ids[i:i + batch_size], response_ids[i:i + batch_size])):
+            resp[j, len(p):len(p) + len(r)] = 1
+        result.append(models.sequence_logps(model, ids, attn, resp)["logps"].float().cpu())
+    return torch.cat(result)
+
+
+def evaluate(model, ref_model, tokenizer, pairs, feats, beta, n_generate=0, seed=0, max_new_tokens=32):
+    """Preference metrics; with n_generate > 0 also KL(pi || pi_ref), exact rewards and win-rate per family."""
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    result = preference_metrics(model, ref_model, feats, pairs, beta, pad_id)
+    if n_generate <= 0:
+        return result
+    pairs, feats = pairs[:n_generate], feats[:n_generate]
+    prompts = [f["prompt_ids"] for f in feats]
+    y_pi = generate(model, prompts, eos_id, pad_id, max_new_tokens, seed=seed)
+    with models.reference_context(model, ref_model) as ref:
+        y_ref = generate(ref, prompts, eos_id, pad_id, max_new_tokens, seed=seed)
+        ref_logp = sequence_logps_of(ref, prompts, y_pi, pad_id)
+    pi_logp = sequence_logps_of(model, prompts, y_pi, pad_id)
+    text_pi = tokenizer.batch_decode(y_pi, skip_special_tokens=True)
+    text_ref = tokenizer.batch_decode(y_ref, skip_special_tokens=True)
+    r_pi = torch.tensor([kdata.reward(p, t) for p, t in zip(pairs, text_pi)])
+    r_ref = torch.tensor([kdata.reward(p, t) for p, t in zip(pairs, text_ref)])
+    win = (r_pi > r_ref).float() + 0.5 * (r_pi == r_ref).float()
+    result.update({"kl": (pi_logp - ref_logp).mean().item(), "reward/policy": r_pi.mean().item(),
+                   "reward/reference": r_ref.mean().item(), "winrate": win.mean().item()})
+    for family, rows in _by_family(pairs).items():
+        result[f"reward/policy/{family}"] = r_pi[rows].mean().item()
+        result[f"reward/reference/{family}"] = r_ref[rows].mean().item()
+        result[f"winrate/{family}"] = win[rows].mean().item()
+        result[f"kl/{family}"] = (pi_logp - ref_logp)[rows].mean().item()
+    result["samples"] = [{"prompt": p.prompt, "policy": a, "reference": b} for p, a, b in
+                         zip(pairs[:8], text_pi[:8], text_ref[:8])]
+    return result
+
+
+def _by_family(pairs):
+    groups = defaultdict(list)
+    for i, p in enumerate(pairs):
+        groups[p.family or "all"].append(i)
+    return dict(groups)
+
+
+def evaluate_run(run, split="test", n_generate=128):
+    """Evaluate a folder written by `training.train` on a data split; writes RUN/eval_SPLIT.json.
+
+    The reference is the run's starting model (`model` in its config.yaml); a LoRA run's reference is
+    its base with adapters disabled."""
+    import json
+    from pathlib import Path
+
+    from kdpo_lab.training import TrainConfig, encode, read_pairs
+
+    run = Path(run)
+    if not (run / "config.yaml").exists() or not (run / "model").exists():
+        raise ValueError(f"{run}: not a finished run (expected config.yaml and model/ written by `kdpo train`)")
+    cfg = TrainConfig.from_yaml(run / "config.yaml")
+    tokenizer = models.load_tokenizer(run / "model")
+    if (run / "model" / "adapter_config.json").exists():
+        from peft import PeftModel
+        model, ref_model = PeftModel.from_pretrained(models.load_model(cfg.model, dtype=cfg.dtype), run / "model"), None
+    else:
+        if cfg.model in ("tiny-llama", "tiny-gpt2", "llama-7b-shape"):
+            raise ValueError(f"{run}: trained from a random {cfg.model}; evaluate against a saved reference instead")
+        model, ref_model = models.load_model(run / "model", dtype=cfg.dtype), models.load_model(cfg.model, dtype=cfg.dtype)
+    pairs, report = read_pairs(cfg, split, cfg.max_eval_pairs)
+    feats = encode(cfg, tokenizer, pairs, report, split)
+    result = evaluate(model, ref_model, tokenizer, pairs, feats, beta=cfg.beta, n_generate=n_generate, seed=cfg.seed)
+    (run / f"eval_{split}.json").write_text(json.dumps(result, indent=1))
+    return result
