@@ -58,7 +58,7 @@ def run(out, fast=None):
 
 
 def _slug(name):
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+    return "_".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
 
 
 def _read(path):
