@@ -204,3 +204,184 @@ def plot_reward_kl_frontier(curve_kl, curve_reward, points=None, ax=None, title=
     ax.set(xlabel=r"KL$(\pi \,\|\, \pi_{ref})$ (nats)", ylabel=r"$E_\pi[r]$", title=title)
     ax.legend(fontsize=8)
     return ax
+
+
+# ---- HT-SR weight spectra (notebook 09) --------------------------------------------------------
+
+_BAND_SHADES = ((0, 2, "#f4cccc"), (2, 4, "#d9ead3"), (4, 6, "#fff2cc"), (6, None, "#eeeeee"))
+
+
+def _shade_bands(ax, axis="y"):
+    """Light background per HT-SR band (alpha < 2, 2-4, 4-6, > 6) with lines at 2, 4, 6."""
+    span = ax.axhspan if axis == "y" else ax.axvspan
+    line = ax.axhline if axis == "y" else ax.axvline
+    for lo, hi, colour in _BAND_SHADES:
+        span(lo, hi if hi is not None else 1e3, color=colour, alpha=0.5, lw=0, zorder=0)
+    for edge in (2, 4, 6):
+        line(edge, color="grey", lw=0.6, ls=":", zorder=0)
+
+
+def plot_alpha_by_layer(tables, ax=None, title="alpha by layer"):
+    """alpha of every block layer, one line per run, layers in model order on the x-axis.
+
+    tables: {run name: spectra.layer_table}. Reliable layers are filled markers; layers below
+    spectra.MIN_RELIABLE_EVALS (reliable=False) are hollow, so nobody reads noise as a finding."""
+    ax = _ax(ax, (8, 3.5))
+    _shade_bands(ax)
+    top = 0
+    for run, table in tables.items():
+        x = list(range(len(table)))
+        alpha = table["alpha"].to_numpy(dtype=float)
+        ok = table["reliable"].to_numpy(dtype=bool)
+        line, = ax.plot(x, alpha, "-", lw=1, alpha=0.7, label=run)
+        colour = line.get_color()
+        ax.plot([i for i in x if ok[i]], alpha[ok], "o", ms=5, color=colour)
+        ax.plot([i for i in x if not ok[i]], alpha[~ok], "o", ms=5, mfc="none", color=colour)
+        top = max(top, float(max(alpha[alpha == alpha], default=0)))
+    first = next(iter(tables.values()))
+    starts = [i for i, b in enumerate(first["block"]) if i == 0 or b != first["block"].iloc[i - 1]]
+    ax.set_xticks(starts, [f"block {first['block'].iloc[i]}" for i in starts], fontsize=8)
+    ax.set(ylabel=r"$\alpha$ (weightwatcher)", title=title, ylim=(0, max(8, 1.05 * top)),
+           xlim=(-0.5, len(first) - 0.5))
+    if not all(t["reliable"].all() for t in tables.values()):
+        ax.plot([], [], "o", mfc="none", color="grey", label="hollow: too few eigenvalues")
+    ax.legend(fontsize=8, ncol=2)
+    return ax
+
+
+def plot_esd(model, layer_name, ax=None, lora="merge"):
+    """Empirical spectral density of W^T W for one block layer on log-log axes, with the power-law
+    tail p(lambda) = (n_tail / n) (alpha - 1) / xmin (lambda / xmin)^(-alpha) for lambda >= xmin,
+    where alpha and xmin are weightwatcher's fit (the eigenvalues themselves come from an SVD)."""
+    import numpy as np
+    from kdpo_lab import spectra
+    ax = _ax(ax)
+    model = spectra.resolve_model(model, lora=lora)
+    row = spectra.layer_table(model, layers=[layer_name], warn=False).iloc[0]
+    lam = spectra.layer_esd(model, layer_name)
+    lam = lam[lam > 0]
+    bins = np.logspace(np.log10(lam.min()), np.log10(lam.max()), min(60, max(10, len(lam) // 8)))
+    ax.hist(lam, bins=bins, density=True, color="C0" if row["reliable"] else "grey", alpha=0.6,
+            label=f"ESD ({len(lam)} eigenvalues)")
+    alpha, xmin = float(row["alpha"]), float(row["xmin"])
+    if np.isfinite(alpha) and xmin > 0:
+        x = np.logspace(np.log10(xmin), np.log10(lam.max()), 50)
+        frac = np.mean(lam >= xmin)
+        ax.plot(x, frac * (alpha - 1) / xmin * (x / xmin) ** (-alpha), "r--", lw=2,
+                label=rf"power law $\alpha$={alpha:.2f}")
+        ax.axvline(xmin, color="red", lw=0.8, label=r"$\lambda_{min}$" + f"={xmin:.3g}")
+    ax.set(xscale="log", yscale="log", xlabel=r"eigenvalue $\lambda$ of $W^T W$", ylabel="density")
+    note = "" if row["reliable"] else f"  (unreliable: {row['n_evals']} < {spectra.MIN_RELIABLE_EVALS} eigenvalues)"
+    ax.set_title(f"{layer_name}{note}", fontsize=9)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_alpha_vs_gap(summary, ax=None, title=r"mean $\alpha$ vs generalisation gap"):
+    """Scatter of each run's mean alpha (reliable layers) against its generalisation gap (train minus
+    held-out preference accuracy), from spectra.summarize(tables, gaps). Runs with no reliable layer
+    are drawn hollow and grey at the mean over their small layers, labelled as such; the title gives
+    the Spearman correlation over the reliable runs when there are at least 3."""
+    import numpy as np
+    from kdpo_lab import spectra
+    if "gen_gap" not in summary:
+        raise ValueError("summary has no gen_gap column: pass gaps= to spectra.summarize")
+    ax = _ax(ax)
+    _shade_bands(ax)
+    ys = []
+    for _, r in summary.iterrows():
+        if np.isfinite(r["mean_alpha"]):
+            y, style = r["mean_alpha"], dict(color="C0")
+        elif np.isfinite(r["mean_alpha_small"]):
+            y, style = r["mean_alpha_small"], dict(color="grey", mfc="none")
+        else:
+            continue
+        ax.plot([r["gen_gap"]], [y], "o", ms=8, **style)
+        ax.annotate(r["run"], (r["gen_gap"], y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ys.append(y)
+    rel = spectra.gap_relation(summary)
+    if rel["n"] >= 3:
+        title = f"{title}\nSpearman {rel['spearman']:.2f} over {rel['n']} runs"
+    if summary["mean_alpha"].isna().any():
+        ax.plot([], [], "o", mfc="none", color="grey", label="hollow: no reliable layer")
+        ax.legend(fontsize=8)
+    ax.set(xlabel="generalisation gap (train - held-out preference accuracy)",
+           ylabel=r"mean $\alpha$", title=title, ylim=(0, max([8] + [1.1 * y for y in ys])))
+    return ax
+
+
+def plot_alpha_reliability(table, ax=None, title=r"fitted $\alpha$ vs matrix size"):
+    """spectra.reliability_experiment: median and 5-95% range of the fitted alpha against the number
+    of eigenvalues n, per ensemble (Gaussian = no power law; planted = known alpha, dotted), with the
+    threshold spectra.MIN_RELIABLE_EVALS as a vertical line."""
+    import numpy as np
+    from kdpo_lab import spectra
+    ax = _ax(ax, (7, 4))
+    _shade_bands(ax)
+    for i, (label, g) in enumerate(table.groupby("ensemble", sort=False)):
+        colour = f"C{i}"
+        ax.plot(g["n"], g["median"], "o-", color=colour, label=label, ms=4)
+        ax.fill_between(g["n"], g["q05"], g["q95"], color=colour, alpha=0.15)
+        if np.isfinite(g["alpha_true"].iloc[0]):
+            ax.axhline(g["alpha_true"].iloc[0], color=colour, ls=":", lw=1)
+    ax.axvline(spectra.MIN_RELIABLE_EVALS, color="black", ls="--", lw=1,
+               label=f"MIN_RELIABLE_EVALS = {spectra.MIN_RELIABLE_EVALS}")
+    ax.set(xscale="log", xlabel="eigenvalues n = min(N, M)", ylabel=r"fitted $\alpha$ (5-95%)", title=title,
+           ylim=(0, min(20, max(8, float(table["q95"].max()) * 1.05))))
+    ax.legend(fontsize=7, ncol=2)
+    return ax
+
+
+# ---- divergences (notebook 03) -----------------------------------------------------------------
+
+def plot_generators(divs, u, ax=None, title=r"generators $f(u)$, $u = \pi/\pi_{ref}$"):
+    """f(u) of each divergence in divs {label: Divergence} (those with a link) over the grid u."""
+    import torch
+    ax = _ax(ax)
+    u = torch.as_tensor(u, dtype=torch.float64)
+    for label, div in divs.items():
+        ax.plot(u.numpy(), div.generator(u).numpy(), label=label)
+    ax.axvline(1, color="grey", lw=0.8)
+    ax.set(xlabel=r"$u$", ylabel=r"$f(u)$", title=title)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_links(divs, rho, ax=None, slope=False, title=None):
+    """Link scores s(rho) = f'(e^rho) - f'(1) of divs {label: Divergence}, or with slope=True their
+    derivatives ds/drho = f''(u) u (the per-example gradient weight), on a log y-axis."""
+    import torch
+    from kdpo_lab.divergences import link_slope
+    ax = _ax(ax)
+    rho = torch.as_tensor(rho, dtype=torch.float64)
+    for label, div in divs.items():
+        y = link_slope(div, rho) if slope else div.link(rho)
+        ax.plot(rho.numpy(), y.detach().numpy(), label=label)
+    if slope:
+        ax.set_yscale("log")
+        ax.set(ylabel=r"$ds/d\rho = f''(u)\,u$", title=title or r"slope of the link")
+    else:
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(ylabel=r"$s(\rho)$", title=title or r"link score $s(\rho) = f'(e^\rho) - f'(1)$")
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set(xlabel=r"$\rho = \log \pi/\pi_{ref}$")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_sinkhorn_error(epsilons, approx, exact, bound=None, ax=None, title="Sinkhorn divergence vs exact W1"):
+    """|S_eps - W1| against eps on log-log axes: approx [n_eps, n_pairs] of S_eps, exact [n_pairs] of
+    W1 (POT's emd2); one thin line per pair, their mean thick, and the bound [n_eps] (eps max H) dashed."""
+    import numpy as np
+    ax = _ax(ax)
+    err = np.abs(np.asarray(approx) - np.asarray(exact)[None, :])
+    ax.loglog(epsilons, err, color="C0", lw=0.6, alpha=0.4)
+    ax.loglog(epsilons, err.mean(1), "o-", color="C0", lw=2, label=r"$|S_\varepsilon - W_1|$ (mean)")
+    if bound is not None:
+        ax.loglog(epsilons, bound, "--", color="C3", label=r"bound $\varepsilon \max(H(a), H(b))$")
+    from matplotlib.ticker import NullFormatter
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set(xlabel=r"$\varepsilon$", ylabel="absolute error", title=title)
+    ax.legend(fontsize=8)
+    return ax

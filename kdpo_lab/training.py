@@ -202,7 +202,7 @@ def reference_logps(model, ref_model, features, pad_id, batch_size, device):
     with models.reference_context(model, ref_model) as ref:
         ref.eval()
         for i in range(0, len(features), batch_size):
-            batch = {k: v.to(device) for k, v in kdata.collate(features[i:i + batch_size], pad_id).items()}
+            batch = _batch(features, range(i, min(i + batch_size, len(features))), pad_id, device)
             w, l = batch_forward(ref, batch, False, False)["logps"].chunk(2)
             ws.append(w.float().cpu())
             ls.append(l.float().cpu())
@@ -234,13 +234,33 @@ def batch_indices(n, batch, step, seed):
     return order[k * batch:(k + 1) * batch].tolist()
 
 
-def train(cfg: TrainConfig, ref_model=None):
-    """Train a policy with the DPO-Kernels loss. Returns the output folder (a Path)."""
+def _start(cfg):
+    """Output folder, accelerator and seeds: the first lines of every run."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator()
     set_seed(cfg.seed)
     cfg.save(out / "config.yaml")
+    return out, accelerator
+
+
+def _batch(feats, idx, pad_id, device):
+    """The collated [chosen; rejected] batch of pairs `idx`, on `device`."""
+    return {k: v.to(device) for k, v in kdata.collate([feats[i] for i in idx], pad_id).items()}
+
+
+def _save_model(accelerator, model, tokenizer, out, merge=False):
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if merge and models.is_peft(unwrapped):
+            unwrapped = models.merge_lora(unwrapped, inplace=True)
+        unwrapped.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+
+
+def train(cfg: TrainConfig, ref_model=None):
+    """Train a policy with the DPO-Kernels loss. Returns the output folder (a Path)."""
+    out, accelerator = _start(cfg)
 
     model, tokenizer, train_pairs, train_feats, eval_pairs, eval_feats = load_splits(cfg)
     pad_id = tokenizer.pad_token_id
@@ -331,12 +351,9 @@ def train(cfg: TrainConfig, ref_model=None):
         bar.close()
 
     _evaluate(accelerator, model, ref_model, tokenizer, eval_pairs, eval_feats, cfg, step, out)
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
-        if kernel is not None:
-            torch.save(kernel.state_dict(), out / "kernel.pt")
+    _save_model(accelerator, model, tokenizer, out)
+    if kernel is not None and accelerator.is_main_process:
+        torch.save(kernel.state_dict(), out / "kernel.pt")
     return out
 
 
@@ -344,11 +361,7 @@ def sft(cfg: TrainConfig):
     """Supervised fine-tuning on prompt + chosen AND prompt + rejected, so that the reference puts mass on
     both (paper-notes: otherwise rho of a response the reference never produces is mostly noise).
     Uses lr, batch_size, max_steps, warmup_steps, seed and the model fields of cfg. Returns the folder."""
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator()
-    set_seed(cfg.seed)
-    cfg.save(out / "config.yaml")
+    out, accelerator = _start(cfg)
     model, tokenizer, _, train_feats, _, eval_feats = load_splits(cfg)
     pad_id, device = tokenizer.pad_token_id, accelerator.device
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
@@ -362,7 +375,7 @@ def sft(cfg: TrainConfig):
         t0 = time.perf_counter()
         model.train()
         idx = batch_indices(len(train_feats), cfg.batch_size * world, step, cfg.seed)[rank::world]
-        batch = {k: v.to(device) for k, v in kdata.collate([train_feats[i] for i in idx], pad_id).items()}
+        batch = _batch(train_feats, idx, pad_id, device)
         loss = models.sft_loss(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite SFT loss at step {step} (training pairs {idx}); lower lr")
@@ -377,20 +390,16 @@ def sft(cfg: TrainConfig):
                                                   "memory/peak_mb": peak_memory_mb()})
     model.eval()
     with torch.no_grad():
-        batch = {k: v.to(device) for k, v in kdata.collate(eval_feats[:64], pad_id).items()}
+        batch = _batch(eval_feats, range(min(64, len(eval_feats))), pad_id, device)
         held_out = models.sft_loss(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"]).item()
     if accelerator.is_main_process:
         _append_jsonl(out / "metrics.jsonl", {"step": cfg.max_steps, "eval/loss": held_out})
-        unwrapped = accelerator.unwrap_model(model)
-        if models.is_peft(unwrapped):
-            unwrapped = models.merge_lora(unwrapped, inplace=True)
-        unwrapped.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
+    _save_model(accelerator, model, tokenizer, out, merge=True)
     return out
 
 
 def _loss_on(mb, model, ref_model, kernel, div, cfg, feats, pad_id, device, ref_w, ref_l, enc, need_ref_logits):
-    batch = {k: v.to(device) for k, v in kdata.collate([feats[i] for i in mb], pad_id).items()}
+    batch = _batch(feats, mb, pad_id, device)
     need_hidden = kernel is not None and enc is None
     out = batch_forward(model, batch, need_hidden, need_ref_logits)
     pi_w, pi_l = out["logps"].float().chunk(2)
@@ -424,7 +433,7 @@ def _fit_embeddings(model, ref_model, feats, pad_id, device, enc, n=256):
     rows = []
     with models.reference_context(model, ref_model) as ref:
         for i in range(0, min(n, len(feats)), 32):
-            batch = {k: v.to(device) for k, v in kdata.collate(feats[i:i + 32], pad_id).items()}
+            batch = _batch(feats, range(i, min(i + 32, len(feats))), pad_id, device)
             out = batch_forward(ref, batch, True, False)
             rows.extend(t.float() for t in models.pair_embeddings(out["hidden"], batch["prompt_mask"], batch["response_mask"]))
     return torch.cat(rows)
