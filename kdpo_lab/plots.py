@@ -382,6 +382,38 @@ def plot_sinkhorn_error(epsilons, approx, exact, bound=None, ax=None, title="Sin
     from matplotlib.ticker import NullFormatter
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(list(epsilons), [f"{e:g}" for e in epsilons])
     ax.set(xlabel=r"$\varepsilon$", ylabel="absolute error", title=title)
+    ax.legend(fontsize=8)
+    return ax
+
+
+# ---- scaling up (notebook 08) -----------------------------------------------------------------------
+
+def plot_memory_breakdown(table, ax=None, budgets=None, title="training memory", unit="GiB"):
+    """Stacked bars: one bar per row of `table` (a scenario), one segment per column (weights, grads, ...),
+    values already in `unit`. budgets: {label: size in unit} drawn as dashed lines (e.g. GPU sizes)."""
+    ax = _ax(ax, (8, 3.8))
+    table.plot.bar(stacked=True, ax=ax, rot=20, width=0.7)
+    for label, size in (budgets or {}).items():
+        ax.axhline(size, color="grey", ls="--", lw=1)
+        ax.annotate(label, (len(table) - 0.5, size), textcoords="offset points", xytext=(-2, 2), ha="right",
+                    fontsize=8, color="grey")
+    ax.set(ylabel=unit, title=title)
+    ax.set_xticks(range(len(table)), table.index, rotation=20, ha="right")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_memory_timeline(timeline, step_ends=(), estimate=None, ax=None, title="tensor memory during a run"):
+    """Allocated memory (timeline: DataFrame with t_s, allocated_mb, as from evaluation.memory_timeline)
+    over time; dotted lines at the optimizer-step ends, a dashed line at an estimate (MB) if given."""
+    ax = _ax(ax, (7, 3.5))
+    ax.step(timeline["t_s"], timeline["allocated_mb"], where="post", lw=1, label="allocated")
+    for i, t in enumerate(step_ends):
+        ax.axvline(t, color="grey", ls=":", lw=0.8, label="optimizer step ends" if i == 0 else None)
+    if estimate is not None:
+        ax.axhline(estimate, color="C3", ls="--", lw=1, label="memory_estimate (one step)")
+    ax.set(xlabel="time (s)", ylabel="MB", title=title)
     ax.legend(fontsize=8)
     return ax

@@ -1,0 +1,498 @@
+"""Divergences D(pi || pi_ref) for DPO-Kernels, each in two forms (see notebooks/03_divergences.ipynb).
+
+Link form (exact for f-divergences; Wang et al. 2023, "Beyond Reverse KL"). Regularising the reward
+objective with D_f(pi || pi_ref) makes the implicit reward beta * f'(pi / pi_ref). With
+rho = log pi(y|x) - log pi_ref(y|x) and u = exp(rho), the link score is
+
+    s(rho) = f'(exp rho) - f'(1),        so s(0) = 0,
+
+and the DPO logit becomes z = beta * (s(rho_w) - s(rho_l)). Subtracting f'(1) changes nothing in z
+(it cancels) but makes every link comparable at rho = 0. Links are computed in log space with the
+exponent arguments clamped at EXP_MAX = 80 (as TRL does in fp32/bf16), in float32 for half inputs.
+
+Penalty form (the paper's literal "- alpha * D(pi || pi_ref)"): D(p || q) between two distributions
+given as log-probabilities over the LAST dimension (typically next-token distributions of the policy
+and the reference at one response position). `token_penalty` averages it over response positions.
+
+Numerics of the penalty form: log-probabilities are floored at LOG_FLOOR = -1e4 before use. exp(-1e4)
+is 0 in every float dtype, so nothing changes where both sides are -inf (masked logits: 0 log 0 = 0)
+or where p = 0; where q = 0 but p > 0 (a truly infinite KL) the divergence is large (~1e4 nats) and
+finite, and every gradient stays finite.
+
+The seven divergences the paper names are PAPER_SEVEN; its generic "f-divergence" is represented by
+the alpha family of Wang et al. (2023), which spans reverse KL (alpha -> 0) to forward KL (alpha -> 1).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+EXP_MAX = 80.0     # clamp for exponent arguments (TRL uses 80 in fp32/bf16)
+LOG_FLOOR = -1e4   # floor for log-probabilities in the penalty form (exp(LOG_FLOOR) == 0)
+LOG2 = math.log(2.0)
+
+
+def _f32(x):
+    """Half-precision inputs are computed (and returned) in float32; float32/float64 are kept."""
+    x = torch.as_tensor(x)
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) or not x.is_floating_point() else x
+
+
+def _expm1(t):
+    """expm1(t) with t clamped at EXP_MAX: accurate near 0, finite everywhere."""
+    return torch.expm1(t.clamp(max=EXP_MAX))
+
+
+def _floor(logp, logq):
+    logp, logq = _f32(logp), _f32(logq)
+    if logp.shape != logq.shape:
+        raise ValueError(f"penalty: logp {tuple(logp.shape)} and logq {tuple(logq.shape)} differ in shape")
+    return logp.clamp(min=LOG_FLOOR), logq.clamp(min=LOG_FLOOR)
+
+
+def _log_power_sum(logp, logq, a):
+    """log sum_i p_i^a q_i^(1-a) over the last dimension (the Renyi/alpha/Hellinger affinity)."""
+    return torch.logsumexp(a * logp + (1.0 - a) * logq, dim=-1)
+
+
+class Divergence:
+    """Base class. Subclasses set `name`, implement `generator` (f), `f_prime` (f'), `link` and
+    `penalty`. `is_f_divergence` is False for Renyi and Bhattacharyya (monotone transforms of an
+    f-divergence), whose generator/link are those of their generating f-divergence member."""
+
+    name = "divergence"
+    has_link = True
+    is_f_divergence = True
+
+    def generator(self, u):
+        """f(u), convex with f(1) = 0."""
+        raise NotImplementedError
+
+    def f_prime(self, u):
+        """f'(u)."""
+        raise NotImplementedError
+
+    def link(self, rho):
+        """s(rho) = f'(exp rho) - f'(1)."""
+        raise NotImplementedError
+
+    def penalty(self, logp, logq):
+        """D(p || q) over the last dimension of log-probabilities; returns shape logp.shape[:-1]."""
+        raise NotImplementedError
+
+    def params(self):
+        return {}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+
+class ReverseKL(Divergence):
+    """Reverse KL, KL(pi || pi_ref): f(u) = u log u, f'(u) = log u + 1, s = rho (plain DPO).
+    D(p || q) = sum p (log p - log q)."""
+
+    name = "kl"
+
+    def generator(self, u):
+        return torch.special.xlogy(u, u)
+
+    def f_prime(self, u):
+        return torch.log(u) + 1.0
+
+    def link(self, rho):
+        return _f32(rho) * 1.0
+
+    def penalty(self, logp, logq):
+        logp, logq = _floor(logp, logq)
+        return (logp.exp() * (logp - logq)).sum(-1)
+
+
+class ForwardKL(Divergence):
+    """Forward KL, KL(pi_ref || pi): f(u) = -log u, f'(u) = -1/u, s = 1 - exp(-rho).
+    D(p || q) = sum q (log q - log p)."""
+
+    name = "forward_kl"
+
+    def generator(self, u):
+        return -torch.log(u)
+
+    def f_prime(self, u):
+        return -1.0 / u
+
+    def link(self, rho):
+        return -_expm1(-_f32(rho))
+
+    def penalty(self, logp, logq):
+        logp, logq = _floor(logp, logq)
+        return (logq.exp() * (logq - logp)).sum(-1)
+
+
+class JensenShannon(Divergence):
+    """Jensen-Shannon. Link as in Wang et al. (2023) and TRL: f(u) = u log u - (1 + u) log((1 + u)/2),
+    f'(u) = log(2u/(1+u)), s = log 2 + log sigmoid(rho). Penalty: the textbook
+    JSD(p, q) = (KL(p || m) + KL(q || m)) / 2 with m = (p + q)/2, 0 <= JSD <= log 2, equal to
+    scipy's jensenshannon(p, q)**2. Note sum q f(p/q) = 2 JSD for this f: the link keeps TRL's
+    scale and the penalty the textbook one (the factor 2 is absorbed by beta or by lam)."""
+
+    name = "js"
+
+    def generator(self, u):
+        return torch.special.xlogy(u, u) - (1.0 + u) * torch.log((1.0 + u) / 2.0)
+
+    def f_prime(self, u):
+        return torch.log(2.0 * u / (1.0 + u))
+
+    def link(self, rho):
+        return LOG2 + F.logsigmoid(_f32(rho))
+
+    def penalty(self, logp, logq):
+        logp, logq = _floor(logp, logq)
+        logm = torch.logaddexp(logp, logq) - LOG2
+        return 0.5 * (logp.exp() * (logp - logm) + logq.exp() * (logq - logm)).sum(-1)
+
+
+class Hellinger(Divergence):
+    """Squared Hellinger with f(u) = (sqrt u - 1)^2, f'(u) = 1 - u^(-1/2), s = 1 - exp(-rho/2).
+    D(p || q) = sum (sqrt p - sqrt q)^2 = 2 (1 - BC), BC = sum sqrt(p q) (Bhattacharyya coefficient).
+    Convention: this is twice the H^2 = 1 - BC of some texts; 0 <= D <= 2."""
+
+    name = "hellinger"
+
+    def generator(self, u):
+        return (torch.sqrt(u) - 1.0) ** 2
+
+    def f_prime(self, u):
+        return 1.0 - u ** -0.5
+
+    def link(self, rho):
+        return -_expm1(-0.5 * _f32(rho))
+
+    def penalty(self, logp, logq):
+        logp, logq = _floor(logp, logq)
+        return -2.0 * torch.expm1(_log_power_sum(logp, logq, 0.5))
+
+
+class Alpha(Divergence):
+    """alpha-divergence of Wang et al. (2023), alpha in (0, 1):
+    f(u) = (u^(1-alpha) - (1-alpha) u - alpha) / (alpha (alpha - 1)), f'(u) = (1 - u^(-alpha)) / alpha,
+    s = (1 - exp(-alpha rho)) / alpha; alpha -> 0 gives reverse KL, alpha -> 1 forward KL.
+    D(p || q) = (sum p^(1-alpha) q^alpha - 1) / (alpha (alpha - 1)).
+    TRL >= 1.0 parameterises the same family by f_alpha_divergence_coef = 1 - alpha (TRL's
+    s = (exp((c-1) rho) - 1)/(c-1)); the two conventions agree only at 0.5."""
+
+    name = "alpha"
+
+    def __init__(self, alpha=0.5):
+        if not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
+            raise ValueError(f"alpha: alpha must be a number in (0, 1), got {alpha!r} "
+                             "(alpha -> 0 is 'kl', alpha -> 1 is 'forward_kl')")
+        self.alpha = float(alpha)
+
+    def params(self):
+        return {"alpha": self.alpha}
+
+    def generator(self, u):
+        a = self.alpha
+        return (u ** (1.0 - a) - (1.0 - a) * u - a) / (a * (a - 1.0))
+
+    def f_prime(self, u):
+        return (1.0 - u ** -self.alpha) / self.alpha
+
+    def link(self, rho):
+        return -_expm1(-self.alpha * _f32(rho)) / self.alpha
+
+    def penalty(self, logp, logq):
+        logp, logq = _floor(logp, logq)
+        a = self.alpha
+        return torch.expm1(_log_power_sum(logp, logq, 1.0 - a)) / (a * (a - 1.0))
+
+
+class Renyi(Divergence):
+    """Renyi divergence of order a > 0, a != 1: D_a(p || q) = log(sum p^a q^(1-a)) / (a - 1).
+    Not an f-divergence: D_a = log(1 + a (a-1) D_f) / (a - 1), a monotone transform of the
+    alpha-divergence with f(u) = (u^a - a u - (1-a)) / (a (a-1)). Its link is that generating
+    member's: f'(u) = (u^(a-1) - 1)/(a-1), s = (exp((a-1) rho) - 1)/(a-1), which is TRL's
+    alpha_divergence with f_alpha_divergence_coef = a (and Alpha(alpha = 1 - a)); s -> rho as a -> 1.
+    For a > 1 and q = 0 < p the true D_a is infinite; the log floor makes it large (~1e4) but finite."""
+
+    name = "renyi"
+    is_f_divergence = False
+
+    def __init__(self, order=0.5):
+        if not (isinstance(order, (int, float)) and order > 0.0 and math.isfinite(order)):
+            raise ValueError(f"renyi: order must be a finite number > 0, got {order!r}")
+        if order == 1.0:
+            raise ValueError("renyi: order 1 is the KL divergence; use get('kl') instead")
+        self.order = float(order)
+
+    def params(self):
+        return {"order": self.order}
+
+    def generator(self, u):
+        a = self.order
+        return (u ** a - a * u - (1.0 - a)) / (a * (a - 1.0))
+
+    def f_prime(self, u):
+        a = self.order
+        return (u ** (a - 1.0) - 1.0) / (a - 1.0)
+
+    def link(self, rho):
+        a = self.order
+        return _expm1((a - 1.0) * _f32(rho)) / (a - 1.0)
+
+    def penalty(self, logp, logq):
+        logp, logq = _floor(logp, logq)
+        return _log_power_sum(logp, logq, self.order) / (self.order - 1.0)
+
+
+class Bhattacharyya(Divergence):
+    """Bhattacharyya distance D_B(p, q) = -log BC, BC = sum sqrt(p q); equals -log(1 - D_H / 2) with
+    our squared Hellinger D_H = 2 (1 - BC). Not an f-divergence (a monotone transform of Hellinger):
+    its generator and link are Hellinger's, f(u) = (sqrt u - 1)^2, s = 1 - exp(-rho/2)."""
+
+    name = "bhattacharyya"
+    is_f_divergence = False
+
+    generator = Hellinger.generator
+    f_prime = Hellinger.f_prime
+    link = Hellinger.link
+
+    def penalty(self, logp, logq):
+        logp, logq = _floor(logp, logq)
+        return -_log_power_sum(logp, logq, 0.5)
+
+
+class ChiSquared(Divergence):
+    """Pearson chi^2: f(u) = (u - 1)^2, f'(u) = 2 (u - 1), s = 2 (exp(rho) - 1) (exponent clamped).
+    D(p || q) = sum p^2 / q - 1, computed as expm1(logsumexp(2 log p - log q)) with the logsumexp
+    clamped at EXP_MAX (so D <= e^80: finite, with zero gradient beyond)."""
+
+    name = "chi2"
+
+    def generator(self, u):
+        return (u - 1.0) ** 2
+
+    def f_prime(self, u):
+        return 2.0 * (u - 1.0)
+
+    def link(self, rho):
+        return 2.0 * _expm1(_f32(rho))
+
+    def penalty(self, logp, logq):
+        logp, logq = _floor(logp, logq)
+        return _expm1(torch.logsumexp(2.0 * logp - logq, dim=-1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Wasserstein-1 between next-token distributions: small support + log-domain Sinkhorn
+
+def _softmin(C, h, log_w, eps):
+    """-eps * log sum_j w_j exp((h_j - C_ij) / eps) over the last dim of C [..., n, m] (log domain)."""
+    x = log_w.unsqueeze(-2) + (h.unsqueeze(-2) - C) / eps
+    m = x.amax(-1, keepdim=True).detach()
+    return -eps * ((x - m).exp().sum(-1).log() + m.squeeze(-1))  # faster than torch.logsumexp on CPU
+
+
+def _softmin_kernel(K, h, log_w, eps):
+    """_softmin with K = exp(-C/eps) precomputed: a batched mat-vec. Safe while C.max()/eps <= 50,
+    because the largest term keeps the sum >= exp(-50) (no underflow in float32)."""
+    x = log_w + h / eps
+    m = x.amax(-1, keepdim=True)
+    return -eps * (torch.log((K @ (x - m).exp().unsqueeze(-1)).squeeze(-1)) + m)
+
+
+def sinkhorn_ot(log_a, log_b, C, epsilon=0.05, n_iter=50):
+    """Entropic OT, OT_eps(a, b) = min_P <P, C> + eps KL(P || a b^T), batched over leading dims.
+
+    log_a [..., n], log_b [..., m] (log-weights summing to 1; -inf allowed), C [..., n, m].
+    Sinkhorn on the dual potentials (f, g), without autograd, with eps-scaling (eps halves from the
+    cost diameter down to `epsilon`, then stays); the updates are mat-vecs with exp(-C/eps) while
+    C.max()/eps <= 50 and log-domain otherwise. Then one differentiable log-domain update from the
+    detached potentials and OT_eps = <a, f> + <b, g>. By the envelope theorem its gradient w.r.t.
+    (a, b) is (f - eps, g - eps): exact at convergence, with memory independent of n_iter.
+    Bounds (C a metric, at convergence): W1 <= OT_eps <= W1 + eps * min(H(a), H(b))."""
+    C = C.to(log_a.dtype)
+    Ct = C.transpose(-1, -2)
+    with torch.no_grad():
+        la, lb = log_a.detach(), log_b.detach()
+        g = torch.zeros_like(lb)
+        diam = max(float(C.max()), 1e-12) if C.numel() else 1.0
+        eps_prev, K, Kt = None, None, None
+        for t in range(n_iter):
+            eps_t = max(epsilon, diam * 0.5 ** t)
+            if eps_t != eps_prev and diam / eps_t <= 50.0:
+                K = torch.exp(-C / eps_t)
+                Kt = K.transpose(-1, -2)
+            eps_prev = eps_t
+            if diam / eps_t <= 50.0:
+                f = _softmin_kernel(K, g, lb, eps_t)
+                g = _softmin_kernel(Kt, f, la, eps_t)
+            else:
+                f = _softmin(C, g, lb, eps_t)
+                g = _softmin(Ct, f, la, eps_t)
+    f = _softmin(C, g, log_b, epsilon)
+    g = _softmin(Ct, f.detach(), log_a, epsilon)
+    return (log_a.exp() * f).sum(-1) + (log_b.exp() * g).sum(-1)
+
+
+def _union_support(logp, logq, k):
+    """Indices [..., 2k] of the union of the top-k tokens of p and of q, sorted, with a mask of the
+    duplicated slots (each token kept once)."""
+    k = min(k, logp.shape[-1])
+    idx = torch.cat([logp.topk(k, dim=-1).indices, logq.topk(k, dim=-1).indices], dim=-1)
+    idx = idx.sort(dim=-1).values
+    dup = torch.zeros_like(idx, dtype=torch.bool)
+    dup[..., 1:] = idx[..., 1:] == idx[..., :-1]
+    return idx, dup
+
+
+def _restrict(logp, idx, dup):
+    """log p gathered on the support, duplicates removed, renormalised to sum to 1."""
+    la = logp.gather(-1, idx).masked_fill(dup, float("-inf"))
+    return la - torch.logsumexp(la, dim=-1, keepdim=True)
+
+
+class Wasserstein(Divergence):
+    """Wasserstein-1 W1(p, q) = min_P sum_ij P_ij c(i, j) between next-token distributions, in a
+    differentiable approximation (penalty form only: W1 is not an f-divergence and has no link).
+
+    Ground cost c(i, j) between tokens, one of:
+      - `token_embeddings` E [V, d] (e.g. the frozen output embedding matrix): chord distance
+        c = |e_i - e_j| of the L2-normalised rows = sqrt(2 - 2 cos(E_i, E_j)), in [0, 2]. A true
+        metric (cosine distance 1 - cos is not) and insensitive to the embedding scale.
+      - `cost` [V, V]: an explicit non-negative cost matrix (small vocabularies).
+      - neither: the 0/1 discrete metric c = [i != j], under which W1 = TV = (1/2) sum |p - q|.
+    The cost is a constant (no gradient flows into E or cost).
+
+    Approximations, in order:
+      1. Small support: the union S of the top-k tokens of p and of q (|S| <= 2k); p and q are
+         restricted to S and renormalised (mass outside S, at most 1 - top-k mass, is dropped).
+         Exact when k >= V.
+      2. Debiased Sinkhorn divergence (Feydy et al. 2019) on S instead of the exact W1:
+         S_eps = OT_eps(a, b) - OT_eps(a, a)/2 - OT_eps(b, b)/2, OT_eps from `sinkhorn_ot`.
+         S_eps(p, p) = 0 exactly; S_eps >= 0 when exp(-C/eps) is positive definite (true for the
+         0/1 metric and the chord distance; an explicit cost must ensure it); and, for a metric
+         cost, |S_eps - W1| <= eps * max(H(a), H(b)) <= eps * log|S| (at convergence).
+    Cost: O(rows * n_iter * (2k)^2) after an O(rows * V) top-k; vectorised over leading dims."""
+
+    name = "wasserstein"
+    has_link = False
+    is_f_divergence = False
+
+    def __init__(self, token_embeddings=None, cost=None, k=16, epsilon=0.05, n_iter=50):
+        if token_embeddings is not None and cost is not None:
+            raise ValueError("wasserstein: give token_embeddings or cost, not both")
+        if token_embeddings is not None:
+            token_embeddings = torch.as_tensor(token_embeddings).detach()
+            if token_embeddings.dim() != 2:
+                raise ValueError(f"wasserstein: token_embeddings must be [V, d], got {tuple(token_embeddings.shape)}")
+        if cost is not None:
+            cost = torch.as_tensor(cost).detach()
+            if cost.dim() != 2 or cost.shape[0] != cost.shape[1]:
+                raise ValueError(f"wasserstein: cost must be a square [V, V] matrix, got {tuple(cost.shape)}")
+            if not bool(torch.isfinite(cost).all()) or bool((cost < 0).any()):
+                raise ValueError("wasserstein: cost must be finite and non-negative")
+        if not (isinstance(k, int) and k >= 1):
+            raise ValueError(f"wasserstein: k must be an int >= 1, got {k!r}")
+        if not (isinstance(epsilon, (int, float)) and epsilon > 0):
+            raise ValueError(f"wasserstein: epsilon must be > 0, got {epsilon!r}")
+        if not (isinstance(n_iter, int) and n_iter >= 1):
+            raise ValueError(f"wasserstein: n_iter must be an int >= 1, got {n_iter!r}")
+        self.token_embeddings, self.cost = token_embeddings, cost
+        self.k, self.epsilon, self.n_iter = k, float(epsilon), n_iter
+        self._unit = None if token_embeddings is None else F.normalize(_f32(token_embeddings), dim=-1)
+
+    def params(self):
+        ground = "embeddings" if self.token_embeddings is not None else "matrix" if self.cost is not None else "0/1"
+        return {"ground": ground, "k": self.k, "epsilon": self.epsilon, "n_iter": self.n_iter}
+
+    def _no_link(self, *args):
+        raise ValueError("wasserstein has no link form (it is not an f-divergence); "
+                         "use its penalty form, penalty(logp, logq) / token_penalty")
+
+    generator = f_prime = link = _no_link
+
+    def ground_cost(self, idx):
+        """Cost matrix [..., n, n] between the tokens idx [..., n]."""
+        V = self._vocab()
+        if V is not None and bool((idx >= V).any()):
+            raise ValueError(f"wasserstein: the ground cost covers {V} tokens but the distributions have more")
+        if self._unit is not None:
+            e = self._unit.to(idx.device)[idx]
+            cos = e @ e.transpose(-1, -2)
+            same = idx.unsqueeze(-1) == idx.unsqueeze(-2)  # exact zeros on the diagonal (rounding)
+            return torch.sqrt((2.0 - 2.0 * cos).clamp(min=0.0)).masked_fill(same, 0.0)
+        if self.cost is not None:
+            cost = _f32(self.cost.to(idx.device))
+            return cost[idx.unsqueeze(-1), idx.unsqueeze(-2)]
+        return (idx.unsqueeze(-1) != idx.unsqueeze(-2)).float()
+
+    def _vocab(self):
+        if self._unit is not None:
+            return self._unit.shape[0]
+        return None if self.cost is None else self.cost.shape[0]
+
+    def penalty(self, logp, logq):
+        logp, logq = _floor(logp, logq)
+        idx, dup = _union_support(logp.detach(), logq.detach(), self.k)
+        C = self.ground_cost(idx).to(logp.dtype)
+        la, lb = _restrict(logp, idx, dup), _restrict(logq, idx, dup)
+        # one batched Sinkhorn for the three problems (a, b), (a, a), (b, b)
+        ot = sinkhorn_ot(torch.stack([la, la, lb]), torch.stack([lb, la, lb]),
+                         C.expand(3, *C.shape), self.epsilon, self.n_iter)
+        return ot[0] - 0.5 * ot[1] - 0.5 * ot[2]
+
+
+# ----------------------------------------------------------------------------------------------
+# registry
+
+_REGISTRY = {cls.name: cls for cls in (ReverseKL, ForwardKL, JensenShannon, Hellinger, Renyi,
+                                       Bhattacharyya, Alpha, ChiSquared, Wasserstein)}
+NAMES = tuple(_REGISTRY)
+# The paper's seven; its generic "f-divergence" is represented by the alpha family (Wang et al. 2023).
+PAPER_SEVEN = ("kl", "js", "hellinger", "renyi", "bhattacharyya", "wasserstein", "alpha")
+
+
+def get(name, **params):
+    """Divergence by registry name (see NAMES) with its parameters; a Divergence is returned as is."""
+    if isinstance(name, Divergence):
+        if params:
+            raise ValueError(f"get: parameters {sorted(params)} given with a Divergence instance")
+        return name
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown divergence {name!r}; valid names: {', '.join(NAMES)}")
+    try:
+        return _REGISTRY[name](**params)
+    except TypeError as err:
+        raise ValueError(f"bad parameters {sorted(params)} for divergence {name!r}: {err}") from None
+
+
+def link_slope(div, rho):
+    """ds/drho = f''(u) u at u = exp(rho) (by autograd). In DPO, d loss / d rho_w = -beta *
+    sigmoid(-z) * ds/drho(rho_w): the per-example gradient weight a divergence puts on rho."""
+    rho = _f32(rho).detach().clone().requires_grad_(True)
+    (slope,) = torch.autograd.grad(get(div).link(rho).sum(), rho)
+    return slope
+
+
+def token_penalty(div, policy_logits, ref_logits, mask):
+    """Mean over response positions of D(pi(.|x, y<t) || pi_ref(.|x, y<t)): one value per sequence.
+
+    policy_logits, ref_logits [N, T, V]: next-token logits, already aligned so that position t is the
+    distribution of response token t; mask [N, T]: 1 at response positions. Both are log-softmaxed in
+    float32 (float64 stays float64); D is computed only at masked positions; rows with no position
+    give 0. Returns [N]."""
+    div = get(div)
+    if policy_logits.shape != ref_logits.shape or policy_logits.dim() != 3:
+        raise ValueError(f"token_penalty: logits must both be [N, T, V], got {tuple(policy_logits.shape)} "
+                         f"and {tuple(ref_logits.shape)}")
+    if tuple(mask.shape) != tuple(policy_logits.shape[:2]):
+        raise ValueError(f"token_penalty: mask must be [N, T] = {tuple(policy_logits.shape[:2])}, "
+                         f"got {tuple(mask.shape)}")
+    m = mask.bool()
+    logp = F.log_softmax(_f32(policy_logits[m]), dim=-1)
+    logq = F.log_softmax(_f32(ref_logits[m]).to(logp.dtype), dim=-1)
+    d = torch.zeros(m.shape, dtype=logp.dtype, device=policy_logits.device)
+    d = d.masked_scatter(m, div.penalty(logp, logq))
+    return d.sum(-1) / m.sum(-1).clamp(min=1)
