@@ -328,6 +328,9 @@ def plot_alpha_reliability(table, ax=None, title=r"fitted $\alpha$ vs matrix siz
                label=f"MIN_RELIABLE_EVALS = {spectra.MIN_RELIABLE_EVALS}")
     ax.set(xscale="log", xlabel="eigenvalues n = min(N, M)", ylabel=r"fitted $\alpha$ (5-95%)", title=title,
            ylim=(0, min(20, max(8, float(table["q95"].max()) * 1.05))))
+    sizes = sorted(set(table["n"]))
+    ax.set_xticks(sizes, [str(n) for n in sizes], fontsize=7, rotation=90)
+    ax.minorticks_off()
     ax.legend(fontsize=7, ncol=2)
     return ax
 

@@ -340,7 +340,8 @@ def train(cfg: TrainConfig, ref_model=None):
                 if accelerator.is_main_process:
                     _append_jsonl(out / "metrics.jsonl", row)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                _evaluate(accelerator, model, ref_model, tokenizer, eval_pairs, eval_feats, cfg, step, out)
+                _evaluate(accelerator, model, ref_model, tokenizer, eval_pairs, eval_feats, train_pairs, train_feats, cfg,
+                          step, out)
             if step % cfg.save_every == 0 or step == cfg.max_steps:
                 _save_checkpoint(accelerator, ckpt, step)
     except KeyboardInterrupt:
@@ -350,7 +351,8 @@ def train(cfg: TrainConfig, ref_model=None):
     finally:
         bar.close()
 
-    _evaluate(accelerator, model, ref_model, tokenizer, eval_pairs, eval_feats, cfg, step, out)
+    _evaluate(accelerator, model, ref_model, tokenizer, eval_pairs, eval_feats, train_pairs, train_feats, cfg,
+                          step, out)
     _save_model(accelerator, model, tokenizer, out)
     if kernel is not None and accelerator.is_main_process:
         torch.save(kernel.state_dict(), out / "kernel.pt")
@@ -467,12 +469,19 @@ def _save_checkpoint(accelerator, ckpt, step):
         (ckpt / "state.json").write_text(json.dumps({"step": step}))
 
 
-def _evaluate(accelerator, model, ref_model, tokenizer, eval_pairs, eval_feats, cfg, step, out):
+def _evaluate(accelerator, model, ref_model, tokenizer, eval_pairs, eval_feats, train_pairs, train_feats, cfg, step,
+              out):
+    """Held-out metrics (and samples), plus accuracy on as many training pairs: the generalisation gap."""
     from kdpo_lab import evaluation
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(model)
     result = evaluation.evaluate(unwrapped, ref_model, tokenizer, eval_pairs, eval_feats, beta=cfg.beta,
                                  n_generate=cfg.eval_generate, seed=cfg.seed)
+    n = len(eval_feats)
+    on_train = evaluation.preference_metrics(unwrapped, ref_model, train_feats[:n], train_pairs[:n], cfg.beta,
+                                             tokenizer.pad_token_id)
+    result["pref/train_accuracy"] = on_train["pref/accuracy"]
+    result["pref/gap"] = on_train["pref/accuracy"] - result["pref/accuracy"]
     result["step"] = step
     _append_jsonl(out / "eval.jsonl", result)

@@ -1,0 +1,335 @@
+"""Facts about kdpo_lab.spectra: per-layer HT-SR metrics are weightwatcher's own, every block linear
+layer appears once, LoRA is merged, small matrices are flagged, summaries keep noise out.
+Models are built from configs (hidden 384 so that some fits are reliable); nothing downloads."""
+import copy
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kdpo_lab import models as M
+from kdpo_lab import plots
+from kdpo_lab import spectra as S
+
+METRICS = ["alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "D", "xmin"]
+# With CUDA present weightwatcher casts weights to fp16 before its SVD, so its eigenvalues agree with
+# our float64 ones (layer_esd) to about 1e-3 only; against itself it stays exact on any machine.
+ESD_RTOL = 1e-2 if torch.cuda.is_available() else 1e-4
+
+
+def llama(seed=0, d=384, d_ff=768, layers=2, kv_heads=4):
+    config = M.tiny_config("llama", 300, d_model=d, n_layers=layers, n_heads=4, d_ff=d_ff)
+    config.num_key_value_heads = kv_heads  # kv_heads=1: k_proj, v_proj are d x d/4 (grouped-query)
+    return M.build_model(config, seed=seed).eval()
+
+
+def gpt2(seed=0, d=256, layers=2):
+    return M.build_model(M.tiny_config("gpt2", 300, d_model=d, n_layers=layers, n_heads=4), seed=seed).eval()
+
+
+def quiet_table(model, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", S.SmallMatrixWarning)
+        return S.layer_table(model, **kwargs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_threaded_blas():
+    """weightwatcher's SVDs of these small matrices run several times faster on one BLAS thread
+    than on a shared, oversubscribed CPU."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    S._ww()  # load scipy's BLAS first: threadpool_limits only reaches libraries already loaded
+    with threadpool_limits(limits=1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def gqa_llama():
+    """q/o/gate/up/down have 384 eigenvalues (reliable); k/v are 384 x 96 (96: unreliable)."""
+    return llama(kv_heads=1)
+
+
+@pytest.fixture(scope="module")
+def gqa_table(gqa_llama):
+    return quiet_table(gqa_llama)
+
+
+# ---- the table is weightwatcher's --------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_metrics_equal_weightwatchers_own_analysis(arch):
+    model = llama() if arch == "llama" else gpt2()
+    table = quiet_table(model).set_index("name")
+    ww = S._ww()
+    with S._quiet():
+        details = ww.WeightWatcher(model=model).analyze().set_index("longname")
+    peer = details.loc[table.index]
+    for column in METRICS:
+        np.testing.assert_allclose(table[column].to_numpy(float), peer[column].to_numpy(float), rtol=1e-6,
+                                   err_msg=column)
+    assert (table["n_evals"] == peer["num_evals"]).all()
+    assert (table["ww_warning"] == peer["warning"]).all()
+    # weightwatcher itself also reports embeddings and the output layer; the table keeps block layers only
+    assert set(details.index) - set(table.index) >= {"lm_head"}
+
+
+def test_alpha_is_the_hill_estimator_at_weightwatchers_xmin(gqa_llama, gqa_table):
+    # alpha = 1 + n / sum log(lambda_i / xmin) over the n eigenvalues >= xmin (continuous power-law MLE)
+    row = gqa_table.iloc[0]
+    lam = S.layer_esd(gqa_llama, row["name"])
+    tail = lam[lam >= row["xmin"] * (1 - 1e-9)]
+    assert abs(len(tail) - row["n_tail"]) <= (2 if torch.cuda.is_available() else 0)
+    hill = 1 + len(tail) / np.log(tail / tail.min()).sum()
+    assert hill == pytest.approx(row["alpha"], rel=ESD_RTOL)
+
+
+def test_alpha_weighted_is_alpha_times_log_lambda_max(gqa_llama, gqa_table):
+    row = gqa_table.iloc[-1]
+    lam = S.layer_esd(gqa_llama, row["name"])
+    assert row["alpha_weighted"] == pytest.approx(row["alpha"] * np.log10(lam.max()), rel=ESD_RTOL)
+    assert row["stable_rank"] == pytest.approx(lam.sum() / lam.max(), rel=ESD_RTOL)
+
+
+# ---- which layers ------------------------------------------------------------------------------
+
+def test_every_llama_block_linear_layer_appears_exactly_once(gqa_table):
+    expected = [f"model.layers.{i}.{p}" for i in range(2) for p in
+                ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]]
+    assert list(gqa_table["name"]) == expected
+    assert list(gqa_table["kind"]) == (["attn"] * 4 + ["mlp"] * 3) * 2
+    assert list(gqa_table["block"]) == [0] * 7 + [1] * 7
+    k = gqa_table.set_index("module").loc["k_proj"].iloc[0]
+    assert (k["N"], k["M"], k["n_evals"]) == (384, 96, 96)
+
+
+def test_every_gpt2_conv1d_layer_appears_exactly_once():
+    table = quiet_table(gpt2(d=64, layers=3))
+    expected = [f"transformer.h.{i}.{p}" for i in range(3)
+                for p in ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]]
+    assert list(table["name"]) == expected
+    assert list(table["kind"]) == ["attn", "attn", "mlp", "mlp"] * 3
+    assert table.set_index("name").loc["transformer.h.0.attn.c_attn", ["N", "M"]].tolist() == [192, 64]
+
+
+def test_include_keeps_only_the_chosen_kinds(gqa_llama):
+    table = S.layer_table(gqa_llama, include=("mlp",))
+    assert set(table["module"]) == {"gate_proj", "up_proj", "down_proj"} and len(table) == 6
+
+
+# ---- reliability -------------------------------------------------------------------------------
+
+def test_small_layers_are_unreliable_and_warned_about_once(gqa_llama):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = S.layer_table(gqa_llama)
+    ours = [w for w in caught if issubclass(w.category, S.SmallMatrixWarning)]
+    assert len(ours) == 1
+    message = str(ours[0].message)
+    assert f"4 of 14 layers have fewer than {S.MIN_RELIABLE_EVALS} eigenvalues" in message and "96" in message
+    assert list(table.loc[~table["reliable"], "module"]) == ["k_proj", "v_proj"] * 2
+
+
+def test_no_warning_when_every_layer_is_large_enough(gqa_llama):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", S.SmallMatrixWarning)
+        table = S.layer_table(gqa_llama, include=("mlp",))
+    assert table["reliable"].all()
+
+
+def test_min_evals_moves_the_threshold(gqa_llama):
+    table = S.layer_table(gqa_llama, min_evals=64)
+    assert table["reliable"].all()
+
+
+def test_a_failed_fit_is_nan_and_unreliable_not_minus_one():
+    model = llama(d=64, d_ff=128, layers=1)
+    model.model.layers[0].mlp.up_proj.weight.data.zero_()  # no nonzero eigenvalue to fit
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = S.layer_table(model, min_evals=8).set_index("module")
+    assert [str(w.message) for w in caught if w.category is S.SmallMatrixWarning] == [
+        "1 power-law fits failed or were skipped by weightwatcher. They are marked reliable=False and left "
+        "out of summaries."]
+    up = table.loc["up_proj"]
+    assert math.isnan(up["alpha"]) and not up["reliable"] and up["ww_warning"] == "fit failed"
+    assert table.drop(index="up_proj")["reliable"].all()
+
+
+def test_weightwatcher_import_leaves_no_trace_and_writes_no_images(tmp_path):
+    # weightwatcher prints on import, calls logging.basicConfig and installs a global "ignore" filter
+    code = (
+        "import logging, warnings\n"
+        "from kdpo_lab import spectra, models as M\n"
+        "m = M.build_model(M.tiny_config('gpt2', 300, d_model=32, n_layers=1, n_heads=2))\n"
+        "t = spectra.layer_table(m)\n"
+        "print('ROOT', logging.getLogger().handlers)\n"
+        "print('IGNORE-ALL', any(f[0] == 'ignore' and f[1] is None and f[2] is Warning for f in warnings.filters))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-W", "default", "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["ROOT []", "IGNORE-ALL False"]
+    assert "SmallMatrixWarning" in out.stderr  # our warning is still shown
+    assert "SVD" not in out.stdout + out.stderr
+    assert list(tmp_path.iterdir()) == []  # no ww-img
+
+
+def test_reliability_experiment_shows_noise_at_small_n_and_recovery_at_large_n():
+    table = S.reliability_experiment(sizes=(16, 384), n_seeds=12, alphas=(3.0,), aspects=(1,))
+    g = table.set_index(["ensemble", "n"])
+    planted, noise = "planted alpha=3", "Gaussian Q=1"
+    assert g.loc[(planted, 384), "recovered"] >= 0.9
+    assert g.loc[(planted, 384), "q95"] - g.loc[(planted, 384), "q05"] < \
+        g.loc[(planted, 16), "q95"] - g.loc[(planted, 16), "q05"]
+    # a Gaussian matrix has no power-law tail: at 16 eigenvalues it is still fitted into alpha < 4 ...
+    assert g.loc[(noise, 16), "median"] < 4
+    # ... at 384 it reads as untrained (alpha > 4), rarely as "well trained"
+    assert g.loc[(noise, 384), "median"] > 4 and g.loc[(noise, 384), "frac_2_4"] < 0.2
+
+
+# ---- LoRA and paths ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_pair():
+    """(base model, peft LoRA model on a copy of it with nonzero B on every block linear layer)."""
+    from peft import LoraConfig, get_peft_model
+    base = llama(d=128, d_ff=256, layers=1)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(1)
+    for name, module in peft_model.named_modules():
+        if name.endswith("lora_B.default"):
+            module.weight.data = 0.05 * torch.randn(module.weight.shape, generator=g)
+    return base, peft_model
+
+
+def test_lora_model_gives_the_merged_weights_alphas(lora_pair):
+    base, peft_model = lora_pair
+    merged = copy.deepcopy(base)  # W + (lora_alpha / r) B A, by hand
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            A, B = module.lora_A["default"].weight, module.lora_B["default"].weight
+            target = merged.get_submodule(name.removeprefix("base_model.model."))
+            target.weight.data = target.weight.data + (B @ A) * module.scaling["default"]
+    got, want, before = (quiet_table(m) for m in (peft_model, merged, base))
+    assert list(got["name"]) == list(want["name"])
+    for column in METRICS:
+        np.testing.assert_allclose(got[column].to_numpy(float), want[column].to_numpy(float), rtol=1e-6)
+    assert not np.allclose(got["alpha"], before["alpha"])  # the adapter changed the spectra
+    q = peft_model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")  # left untouched:
+    assert hasattr(q, "lora_A") and not q.merged  # still adapted, not merged in place
+    assert torch.equal(q.base_layer.weight, base.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_lora_base_mode_analyses_the_reference_weights(lora_pair):
+    base, peft_model = lora_pair
+    got, want = quiet_table(peft_model, lora="base"), quiet_table(base)
+    np.testing.assert_array_equal(got["alpha"].to_numpy(), want["alpha"].to_numpy())
+
+
+def test_checkpoint_run_folder_and_adapter_paths_load(tmp_path, lora_pair):
+    base, peft_model = lora_pair
+    base.save_pretrained(tmp_path / "base")
+    base.save_pretrained(tmp_path / "run" / "model")
+    adapter = copy.deepcopy(peft_model)
+    adapter.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    adapter.save_pretrained(tmp_path / "adapter")
+    want = quiet_table(base)
+    for path in (tmp_path / "base", str(tmp_path / "run")):
+        np.testing.assert_allclose(quiet_table(path)["alpha"], want["alpha"], rtol=1e-6)
+    np.testing.assert_allclose(quiet_table(tmp_path / "adapter")["alpha"], quiet_table(peft_model)["alpha"],
+                               rtol=1e-6)
+
+
+def test_bad_arguments_raise_value_errors(gqa_llama, tmp_path):
+    for kwargs in (dict(include=("conv",)), dict(lora="drop"), dict(layers=["lm_head"]), dict(min_evals=0)):
+        with pytest.raises(ValueError):
+            S.layer_table(gqa_llama, **kwargs)
+    with pytest.raises(ValueError, match="config.json"):
+        S.layer_table(tmp_path)
+    with pytest.raises(ValueError, match="transformer blocks"):
+        S.layer_table(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+# ---- bands, comparison, summary ----------------------------------------------------------------
+
+def fake_table(alphas, reliable):
+    n = len(alphas)
+    return pd.DataFrame({"name": [f"l{i}" for i in range(n)], "block": range(n), "kind": "mlp",
+                         "module": "fc", "alpha": alphas, "alpha_weighted": alphas, "reliable": reliable})
+
+
+def test_band_edges_follow_weightwatchers_warnings():
+    assert list(S.band_of([1.99, 2.0, 3.99, 4.0, 6.0, 6.01, math.nan])) == ["<2", "2-4", "2-4", "4-6", "4-6", ">6", ""]
+
+
+def test_band_fractions_count_reliable_layers_and_sum_to_one(gqa_table):
+    b = S.bands(fake_table([1.5, 3, 3, 5, 7, 100], [True] * 5 + [False]))
+    assert (b["<2"], b["2-4"], b["4-6"], b[">6"], b["2-6"]) == (0.2, 0.4, 0.2, 0.2, pytest.approx(0.6))
+    assert (b["n 2-4"], b["n_reliable"], b["n_layers"]) == (2, 5, 6)
+    real = S.bands(gqa_table)
+    assert sum(real[k] for k in S.BANDS) == pytest.approx(1.0) and real["n_reliable"] == 10
+    assert all(math.isnan(S.bands(fake_table([3.0], [False]))[k]) for k in S.BANDS)
+
+
+def test_summary_mean_alpha_ignores_unreliable_layers(gqa_table):
+    s = S.summarize({"run": fake_table([3.0, 5.0, 40.0], [True, True, False])}, gaps={"run": 0.1}).iloc[0]
+    assert (s["mean_alpha"], s["mean_alpha_small"], s["n_reliable"], s["gen_gap"]) == (4.0, 40.0, 2, 0.1)
+    real = S.summarize({"gqa": gqa_table}).iloc[0]
+    assert real["mean_alpha"] == pytest.approx(gqa_table.loc[gqa_table["reliable"], "alpha"].mean())
+    tiny = S.summarize({"tiny": fake_table([3.0], [False])}).iloc[0]
+    assert math.isnan(tiny["mean_alpha"]) and tiny["n_reliable"] == 0
+    with pytest.raises(ValueError):
+        S.summarize({"a": gqa_table}, gaps={"b": 0.0})
+
+
+def test_compare_gives_per_layer_delta_alpha():
+    base, run = fake_table([3.0, 5.0], [True, False]), fake_table([2.5, 7.0], [True, True])
+    c = S.compare({"sft": base, "dpo": run}, baseline="sft")
+    assert list(c["delta_alpha"]) == [-0.5, 2.0] and list(c["reliable"]) == [True, False]
+    assert list(c["band"]) == ["2-4", ">6"] and set(c["run"]) == {"dpo"}
+    with pytest.raises(ValueError):
+        S.compare({"sft": base, "dpo": fake_table([1.0], [True])}, baseline="sft")
+    with pytest.raises(ValueError):
+        S.compare({"sft": base}, baseline="ref")
+
+
+def test_gap_relation_of_monotone_runs_is_one():
+    tables = {f"r{i}": fake_table([2.0 + i], [True]) for i in range(4)}
+    summary = S.summarize(tables, gaps={f"r{i}": 0.1 * i for i in range(4)})
+    rel = S.gap_relation(summary)
+    assert rel["n"] == 4 and rel["spearman"] == pytest.approx(1.0) and rel["pearson"] == pytest.approx(1.0)
+
+
+# ---- plots -------------------------------------------------------------------------------------
+
+def test_plots_draw_and_mark_unreliable_layers(gqa_llama, gqa_table):
+    tables = {"a": gqa_table, "b": gqa_table.assign(alpha=gqa_table["alpha"] + 0.5)}
+    ax = plots.plot_alpha_by_layer(tables)
+    hollow = [line for line in ax.get_lines() if line.get_markerfacecolor() == "none" and len(line.get_xdata())]
+    assert len(hollow) == 2 and all(len(line.get_xdata()) == 4 for line in hollow)
+    ax = plots.plot_esd(gqa_llama, "model.layers.0.mlp.up_proj")
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert any("power law" in t.get_text() for t in ax.get_legend().get_texts())
+    summary = S.summarize({**tables, "tiny": fake_table([3.0], [False])}, gaps={"a": 0.1, "b": 0.2, "tiny": 0.3})
+    ax = plots.plot_alpha_vs_gap(summary)
+    assert len([l for l in ax.get_lines() if len(l.get_xdata()) == 1]) == 3
+    experiment = pd.DataFrame({"n": [16, 32] * 2, "ensemble": ["G"] * 2 + ["P"] * 2,
+                               "alpha_true": [math.nan] * 2 + [3.0] * 2, "q05": 1.0, "median": 3.0, "q95": 5.0})
+    assert plots.plot_alpha_reliability(experiment).get_xscale() == "log"
+    plt.close("all")
