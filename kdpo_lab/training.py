@@ -44,7 +44,7 @@ class TrainConfig:
     """Every knob of a run. YAML files in configs/ set these; the command line overrides them."""
     out_dir: str = _f("runs/dpo", "where the model, checkpoint, metrics.jsonl and config.yaml go")
     # data
-    data: str = _f("data/suite", "training data: a folder with train/validation jsonl, a file, or a hub dataset name")
+    data: str = _f("data/suite", "a folder with train/validation files, one file (10% held out), or a hub dataset name")
     families: str = _f("", "comma-separated suite families to keep (empty: all)")
     max_train_pairs: int = _f(0, "use at most this many training pairs (0: all)")
     max_eval_pairs: int = _f(256, "held-out pairs for evaluation during and after training")
@@ -123,8 +123,18 @@ def peak_memory_mb():
 # ----------------------------------------------------------------------------- data and model
 
 def read_pairs(cfg, split, limit=0):
-    """Load one split as PreferencePairs (bad rows skipped and reported, or fatal with strict)."""
-    pairs, report = kdata.load_pairs(cfg.data, split=split, strict=cfg.strict, limit=limit or None)
+    """Load one split as PreferencePairs (bad rows skipped and reported, or fatal with strict).
+
+    A folder holds one file per split (train.jsonl, validation.jsonl, ...). A single file is split here:
+    a seeded 10% (at most max_eval_pairs) is held out as "validation" (also used for "test")."""
+    if Path(cfg.data).is_file():
+        pairs, report = kdata.load_pairs(cfg.data, strict=cfg.strict)
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_held = max(1, min(cfg.max_eval_pairs, len(pairs) // 10))
+        rows = order[n_held:] if split == "train" else order[:n_held]
+        pairs = [pairs[i] for i in sorted(rows)][:limit or None]
+    else:
+        pairs, report = kdata.load_pairs(cfg.data, split=split, strict=cfg.strict, limit=limit or None)
     if cfg.families:
         keep = set(cfg.families.split(","))
         pairs = [p for p in pairs if p.family in keep]

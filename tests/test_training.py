@@ -148,3 +148,39 @@ def test_the_math_demo_covers_all_28_pairs(tmp_path):
     grid = pd.read_csv(tmp_path / "pair_grid.csv")
     assert len(grid) == 28 and grid[["loss", "grad_weight"]].notna().all().all()
     assert (tmp_path / "pair_grid.png").exists()
+
+
+def hh_row(i):
+    return {"chosen": f"\n\nHuman: What is {i} plus {i}?\n\nAssistant: It is {2 * i}.",
+            "rejected": f"\n\nHuman: What is {i} plus {i}?\n\nAssistant: It is {2 * i + 1}."}
+
+
+def ultrafeedback_row(i):
+    prompt = f"Name a number bigger than {i}."
+    return {"prompt": prompt,
+            "chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": f"{i + 1} is bigger."}],
+            "rejected": [{"role": "user", "content": prompt}, {"role": "assistant", "content": f"{i - 1} is bigger."}]}
+
+
+def sharegpt_row(i):
+    return {"conversations": [{"from": "human", "value": f"Spell the number {i}."}],
+            "chosen": {"from": "gpt", "value": f"It is written {i}."},
+            "rejected": {"from": "gpt", "value": "I do not know."}}
+
+
+@pytest.mark.parametrize("make_row", [hh_row, ultrafeedback_row, sharegpt_row], ids=["hh-rlhf", "ultrafeedback", "sharegpt"])
+def test_a_public_format_file_trains_without_edits(tmp_path, make_row):
+    path = write_rows(tmp_path / "prefs.jsonl", [make_row(i) for i in range(40)])
+    run = training.train(tiny(tmp_path, "public", data=str(path), max_steps=2, max_train_pairs=0))
+    m = pd.read_json(run / "metrics.jsonl", lines=True)
+    ev = pd.read_json(run / "eval.jsonl", lines=True).iloc[-1]
+    assert m["loss"].notna().all() and 0 <= ev["pref/accuracy"] <= 1
+
+
+def test_a_single_file_is_split_into_disjoint_train_and_held_out_pairs(tmp_path):
+    path = write_rows(tmp_path / "prefs.jsonl", [hh_row(i) for i in range(50)])
+    cfg = tiny(tmp_path, "split", data=str(path), max_train_pairs=0)
+    train_pairs, _ = training.read_pairs(cfg, "train")
+    held, _ = training.read_pairs(cfg, "validation")
+    assert len(train_pairs) == 45 and len(held) == 5
+    assert not {p.prompt for p in train_pairs} & {p.prompt for p in held}
