@@ -137,3 +137,37 @@ def evaluate_run(run, split="test", n_generate=128):
     result = evaluate(model, ref_model, tokenizer, pairs, feats, beta=cfg.beta, n_generate=n_generate, seed=cfg.seed)
     (run / f"eval_{split}.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def memory_timeline(fn, *args, **kwargs):
+    """Run fn(*args, **kwargs) under the torch profiler and return (result, timeline, step_ends).
+
+    timeline: DataFrame with columns t_s (seconds since the first event) and allocated_mb: CPU tensor
+        memory allocated during the call and not yet freed, after each allocation or free (tensors
+        alive before the call are not counted). This is the CPU analogue of
+        torch.cuda.memory_allocated(); process RSS (training's memory/peak_mb on CPU) also counts the
+        interpreter, libraries and allocator caches.
+    step_ends: t_s at the end of each optimizer step (the profiler's "Optimizer.step#..." ranges). The
+        peak of a steady-state training step is max(allocated_mb) between two consecutive step ends.
+    CPU only (on a GPU use torch.cuda.max_memory_allocated); every op is recorded, so fn runs slower.
+    Sets KINETO_LOG_LEVEL=6 unless already set (silences the profiler's start/stop lines on stderr).
+    """
+    import os
+
+    import pandas as pd
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+    cpu = torch.autograd.DeviceType.CPU
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn(*args, **kwargs)
+    events = list(prof.profiler.kineto_results.events())
+    memory = sorted(((e.start_ns(), e.nbytes()) for e in events
+                     if e.name() == "[memory]" and e.device_type() == cpu), key=lambda x: x[0])
+    if not memory:
+        raise ValueError("memory_timeline: fn allocated no CPU tensors")
+    t0 = min(min(t for t, _ in memory), min(e.start_ns() for e in events))
+    timeline = pd.DataFrame({"t_s": [(t - t0) / 1e9 for t, _ in memory],
+                             "allocated_mb": pd.Series([n for _, n in memory]).cumsum() / 2**20})
+    step_ends = sorted((e.end_ns() - t0) / 1e9 for e in events if e.name().startswith("Optimizer.step#"))
+    return result, timeline, step_ends

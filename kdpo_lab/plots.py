@@ -420,3 +420,29 @@ def plot_memory_timeline(timeline, step_ends=(), estimate=None, ax=None, title="
     ax.set(xlabel="time (s)", ylabel="MB", title=title)
     ax.legend(fontsize=8)
     return ax
+
+
+def plot_delta_alpha(delta, ax=None, title=r"change of $\alpha$ against the baseline, by layer"):
+    """delta_alpha = alpha(run) - alpha(baseline) of every block layer (spectra.compare), one line per
+    run, layers in model order. Filled markers: both fits reliable; hollow: at least one layer below
+    spectra.MIN_RELIABLE_EVALS, a difference of two noisy numbers."""
+    import numpy as np
+    ax = _ax(ax, (8, 3.5))
+    ax.axhline(0, color="grey", lw=0.8)
+    first = None
+    for run, d in delta.groupby("run", sort=False):
+        first = d if first is None else first
+        x = np.arange(len(d))
+        y = d["delta_alpha"].to_numpy(dtype=float)
+        ok = d["reliable"].to_numpy(dtype=bool)
+        line, = ax.plot(x, y, "-", lw=1, alpha=0.7, label=run)
+        ax.plot(x[ok], y[ok], "o", ms=5, color=line.get_color())
+        ax.plot(x[~ok], y[~ok], "o", ms=5, mfc="none", color=line.get_color())
+    blocks = first["block"].to_numpy()
+    starts = [i for i in range(len(blocks)) if i == 0 or blocks[i] != blocks[i - 1]]
+    ax.set_xticks(starts, [f"block {blocks[i]}" for i in starts], fontsize=8)
+    if not delta["reliable"].astype(bool).all():
+        ax.plot([], [], "o", mfc="none", color="grey", label="hollow: too few eigenvalues")
+    ax.set(ylabel=r"$\Delta\alpha$", title=title, xlim=(-0.5, len(blocks) - 0.5))
+    ax.legend(fontsize=8, ncol=2)
+    return ax

@@ -401,16 +401,39 @@ def summarize(tables, gaps=None):
 
 def gap_relation(summary):
     """Pearson and Spearman correlation of mean_alpha with gen_gap over runs with both finite
-    (runs without a reliable mean alpha are left out). Returns {"n", "pearson", "spearman"}; the
-    correlations are NaN with fewer than 3 runs."""
+    (runs without a reliable mean alpha are left out). Returns {"n", "pearson", "spearman",
+    "p_spearman"}; the correlations are NaN with fewer than 3 runs. p_spearman is two-sided: exact
+    (all n! pairings, `spearman_exact_p`) up to 8 runs, scipy's t approximation above."""
     from scipy import stats
     if "gen_gap" not in summary:
         raise ValueError("summary has no gen_gap column: pass gaps= to summarize")
     s = summary[np.isfinite(summary["mean_alpha"]) & np.isfinite(summary["gen_gap"])]
     if len(s) < 3:
-        return {"n": len(s), "pearson": math.nan, "spearman": math.nan}
-    return {"n": len(s), "pearson": float(stats.pearsonr(s["mean_alpha"], s["gen_gap"])[0]),
-            "spearman": float(stats.spearmanr(s["mean_alpha"], s["gen_gap"])[0])}
+        return {"n": len(s), "pearson": math.nan, "spearman": math.nan, "p_spearman": math.nan}
+    x, y = s["mean_alpha"].to_numpy(dtype=float), s["gen_gap"].to_numpy(dtype=float)
+    rho = stats.spearmanr(x, y)
+    return {"n": len(s), "pearson": float(stats.pearsonr(x, y)[0]), "spearman": float(rho.statistic),
+            "p_spearman": spearman_exact_p(x, y) if len(s) <= 8 else float(rho.pvalue)}
+
+
+def spearman_exact_p(x, y):
+    """Two-sided exact p-value of Spearman's rho: the fraction of the n! re-pairings of y with x whose
+    |rho| >= the observed |rho| (ties get average ranks). With n points the smallest possible value
+    is 2 / n! (0.083 for 4 runs, 0.017 for 5): few runs cannot show much."""
+    import itertools
+    from scipy import stats
+    n = len(x)
+    if n != len(y) or not 3 <= n <= 8:
+        raise ValueError(f"need 3 to 8 paired values for an exact permutation test, got {len(x)} and {len(y)}")
+    rx, ry = stats.rankdata(x), stats.rankdata(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    norm = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+    if norm == 0:
+        return math.nan  # a constant variable: rho undefined
+    perms = ry[np.array(list(itertools.permutations(range(n))))]
+    rho_all = perms @ rx / norm
+    observed = abs(rx @ ry / norm)
+    return float(np.mean(np.abs(rho_all) >= observed - 1e-12))
 
 
 # ---- the reliability experiment -----------------------------------------------------------------
@@ -467,3 +490,249 @@ def reliability_experiment(sizes=(16, 32, 64, 128, 192, 256, 384, 512), n_seeds=
                              frac_2_4=np.mean((fit >= 2) & (fit < 4)),
                              recovered=np.mean(np.abs(fit - a) < 0.5) if np.isfinite(a) else math.nan))
     return pd.DataFrame(rows)
+
+
+# ---- runs: `kdpo spectra RUN_DIR...` ------------------------------------------------------------
+
+FIGURES = ("alpha_by_layer.png", "delta_alpha.png", "esd.png", "alpha_vs_gap.png")
+
+
+@contextlib.contextmanager
+def _blas_threads(n_max):
+    """One BLAS/torch thread while analysing small matrices (n_max <= 1024 eigenvalues): their SVDs are
+    several times faster single-threaded on a shared CPU; large matrices keep every thread."""
+    if n_max > 1024:
+        yield
+        return
+    _ww()  # load scipy's BLAS first: threadpool_limits only reaches libraries already loaded
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn, a weightwatcher dependency
+    except ImportError:  # pragma: no cover
+        limits = contextlib.nullcontext()
+    else:
+        limits = threadpool_limits(limits=1)
+    try:
+        with limits:
+            yield
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def run_names(run_dirs):
+    """Short unique names of run folders: the folder name ('runs/dpo' -> 'dpo'; a model folder
+    'runs/dpo/model' -> 'dpo'); names that collide take their parent folders ('a/dpo', 'b/dpo')."""
+    parts = [[p for p in os.path.normpath(os.path.abspath(os.fspath(d))).split(os.sep) if p] for d in run_dirs]
+    parts = [p[:-1] if len(p) > 1 and p[-1] == "model" else p for p in parts]
+    depth = [1] * len(parts)
+    while True:
+        names = ["/".join(p[-k:]) for p, k in zip(parts, depth)]
+        clash = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(parts[i])]
+        if not clash:
+            break
+        for i in clash:
+            depth[i] += 1
+    if len(set(names)) != len(names):
+        raise ValueError(f"run folders repeat: {[os.fspath(d) for d in run_dirs]}")
+    return names
+
+
+def read_gap(run_dir):
+    """The last held-out evaluation of a training run (OUT/eval.jsonl, written by training.train):
+    {"gen_gap": pref/gap = train minus held-out preference accuracy, "train_accuracy",
+    "heldout_accuracy", "eval_step"}; NaNs for an SFT run, a bare model folder, or an old eval.jsonl
+    without pref/gap. A model folder OUT/model reads OUT/eval.jsonl."""
+    path = os.fspath(run_dir)
+    out = {"gen_gap": math.nan, "train_accuracy": math.nan, "heldout_accuracy": math.nan, "eval_step": math.nan}
+    for folder in (path, os.path.dirname(os.path.normpath(path))):
+        file = os.path.join(folder, "eval.jsonl")
+        if os.path.isfile(file):
+            rows = pd.read_json(file, lines=True)
+            if len(rows) and "pref/gap" in rows:
+                last = rows.iloc[-1]
+                return {"gen_gap": float(last["pref/gap"]), "train_accuracy": float(last["pref/train_accuracy"]),
+                        "heldout_accuracy": float(last["pref/accuracy"]), "eval_step": int(last["step"])}
+            return out
+    return out
+
+
+def esd_layer(table):
+    """The layer whose ESD `analyse_runs` draws: the largest reliable layer (most eigenvalues, then
+    the larger N; the first in model order on ties), else the largest layer."""
+    pool = table[table["reliable"].astype(bool)]
+    pool = pool if len(pool) else table
+    order = pool.assign(_pos=range(len(pool))).sort_values(["n_evals", "N", "_pos"], ascending=[False, False, True])
+    return order["name"].iloc[0]
+
+
+def analyse_runs(run_dirs, out_dir, baseline=None, *, names=None, min_evals=MIN_RELIABLE_EVALS, lora="merge",
+                 verbose=True):
+    """HT-SR comparison of runs: the `kdpo spectra RUN_DIR... --out OUT` command.
+
+    run_dirs: training runs (OUT/ with model/ and eval.jsonl), SFT runs, bare model or LoRA adapter
+        folders; all of the same architecture for the per-layer comparison.
+    baseline: the run the others are compared with (a name from `names`, or one of run_dirs); default
+        the first run, typically the SFT reference or base model.
+    names: run names (default `run_names(run_dirs)`).
+    Writes to out_dir:
+        layers.csv       layer_table of every run, long format (column `run` first)
+        summary.csv      summarize(tables, gaps) + mean_delta_alpha (reliable layers, vs baseline) +
+                         train_accuracy, heldout_accuracy, eval_step (see read_gap)
+        delta_alpha.csv  compare(tables, baseline): per-layer alpha - alpha_baseline (when >= 2 runs)
+        alpha_by_layer.png, delta_alpha.png (>= 2 runs), esd.png (layer `esd_layer`, one panel per
+        run), alpha_vs_gap.png (when >= 2 runs have a gap)
+    Emits one SmallMatrixWarning if any layer is below min_evals eigenvalues (or failed to fit); the
+    printed summary gives mean alpha over reliable layers only, and says so when there is none.
+    Returns the summary DataFrame.
+    """
+    run_dirs = [os.fspath(d) for d in run_dirs]
+    if not run_dirs:
+        raise ValueError("analyse_runs needs at least one run folder")
+    names = run_names(run_dirs) if names is None else list(names)
+    if len(names) != len(run_dirs) or len(set(names)) != len(names):
+        raise ValueError(f"names must be {len(run_dirs)} distinct strings, got {names!r}")
+    if baseline is None:
+        baseline = names[0]
+    elif os.fspath(baseline) in run_dirs:
+        baseline = names[run_dirs.index(os.fspath(baseline))]
+    elif baseline not in names:
+        raise ValueError(f"baseline {baseline!r} is neither a run name {names} nor one of the run folders")
+    os.makedirs(out_dir, exist_ok=True)
+
+    tables = {}
+    for name, path in zip(names, run_dirs):
+        model = resolve_model(path, lora=lora)
+        n_max = int(block_linear_layers(model)["name"].map(lambda n: _dims(model.get_submodule(n))[1]).max())
+        with _blas_threads(n_max):
+            tables[name] = layer_table(model, min_evals=min_evals, lora=lora, warn=False)
+        del model
+    layers = pd.concat([t.assign(run=name) for name, t in tables.items()], ignore_index=True)
+    layers = layers[["run"] + _TABLE_COLUMNS]
+    layers.to_csv(os.path.join(out_dir, "layers.csv"), index=False)
+    _warn_runs(layers, min_evals)
+
+    evals = {name: read_gap(path) for name, path in zip(names, run_dirs)}
+    summary = summarize(tables, gaps={name: e["gen_gap"] for name, e in evals.items()})
+    delta = _deltas(tables, baseline)
+    if len(delta):
+        delta.to_csv(os.path.join(out_dir, "delta_alpha.csv"), index=False)
+    ok = delta[delta["reliable"]] if len(delta) else delta
+    mean_delta = ok.groupby("run")["delta_alpha"].mean() if len(ok) else pd.Series(dtype=float)
+    summary["mean_delta_alpha"] = summary["run"].map(mean_delta).astype(float)
+    for key in ("train_accuracy", "heldout_accuracy", "eval_step"):
+        summary[key] = summary["run"].map({name: e[key] for name, e in evals.items()})
+    summary.insert(1, "baseline", summary["run"] == baseline)
+    summary.to_csv(os.path.join(out_dir, "summary.csv"), index=False)
+
+    written = ["layers.csv", "summary.csv"] + (["delta_alpha.csv"] if len(delta) else [])
+    written += _figures(tables, dict(zip(names, run_dirs)), summary, delta, out_dir, lora)
+    if verbose:
+        print(format_summary(summary, layers, baseline, min_evals))
+        print(f"wrote {', '.join(written)} to {out_dir}")
+    return summary
+
+
+def _deltas(tables, baseline):
+    """compare() of each run with the baseline; runs with other layers are left out (with a note)."""
+    parts = []
+    for name, table in tables.items():
+        if name == baseline:
+            continue
+        try:
+            parts.append(compare({baseline: tables[baseline], name: table}, baseline))
+        except ValueError as error:
+            print(f"no delta alpha for {name!r}: {error}")
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        columns=["run", "name", "delta_alpha", "reliable"])
+
+
+def _warn_runs(layers, min_evals):
+    """One SmallMatrixWarning for all runs: how many layers are below min_evals eigenvalues, their sizes."""
+    runs = layers.groupby("run", sort=False)
+    small = layers["n_evals"] < min_evals
+    failed = int((~layers["reliable"].astype(bool) & ~small).sum())
+    if not small.any() and not failed:
+        return
+    parts = []
+    if small.any():
+        per_run = {(int((t["n_evals"] < min_evals).sum()), len(t)) for _, t in runs}
+        if len(per_run) == 1:
+            (k, n), = per_run
+            count = f"{k} of {n} layers" + (f" in each of {runs.ngroups} runs" if runs.ngroups > 1 else "")
+        else:
+            count = f"{int(small.sum())} of {len(layers)} layers over {runs.ngroups} runs"
+        sizes = ", ".join(map(str, sorted(set(layers.loc[small, "n_evals"]))))
+        parts.append(f"{count} have fewer than {min_evals} eigenvalues (min(N, M) = {sizes}); below that size a "
+                     f"power-law alpha is not distinguishable from noise (see kdpo_lab.spectra.MIN_RELIABLE_EVALS)")
+    if failed:
+        parts.append(f"{failed} power-law fits failed or were skipped by weightwatcher")
+    warnings.warn("; ".join(parts) + ". They are marked reliable=False, drawn hollow, and left out of mean alpha "
+                  "and the band fractions.", SmallMatrixWarning, stacklevel=3)
+
+
+def format_summary(summary, layers, baseline, min_evals=MIN_RELIABLE_EVALS):
+    """The text `analyse_runs` prints: per run, reliable layers, mean alpha and the fraction in [2, 6]
+    over reliable layers only ("-" when there is none: no number from noise), mean delta alpha, gap."""
+    fmt = lambda x, spec: "-" if not np.isfinite(x) else format(x, spec)
+    rows = []
+    for _, r in summary.iterrows():
+        rows.append({"run": r["run"] + (" (baseline)" if r["run"] == baseline else ""),
+                     "reliable layers": f"{r['n_reliable']} of {r['n_layers']}",
+                     "mean alpha": fmt(r["mean_alpha"], ".2f"), "in [2, 6]": fmt(r["frac 2-6"], ".0%"),
+                     "< 2": fmt(r["frac <2"], ".0%"), "> 6": fmt(r["frac >6"], ".0%"),
+                     "mean d-alpha": fmt(r["mean_delta_alpha"], "+.2f"), "gap": fmt(r["gen_gap"], "+.3f")})
+    n_max = int(layers["n_evals"].max())
+    lines = [f"HT-SR: weightwatcher alpha of the linear layers in the transformer blocks, {len(summary)} run(s); "
+             f"delta against {baseline!r}.",
+             f"A layer is reliable with at least {min_evals} eigenvalues (min(N, M) of W); mean alpha, band "
+             f"fractions and mean d-alpha use reliable layers only; gap = train - held-out preference accuracy.",
+             pd.DataFrame(rows).to_string(index=False)]
+    if int(summary["n_reliable"].sum()) == 0:
+        lines.append(f"No layer is reliable: the largest matrix here has {n_max} eigenvalues, below {min_evals}. "
+                     f"At this size a fitted alpha is not distinguishable from noise, so no mean alpha is "
+                     f"reported; the per-layer values in layers.csv are for inspection only.")
+    elif not layers["reliable"].astype(bool).all():
+        lines.append(f"Layers with fewer than {min_evals} eigenvalues are left out (reliable=False in layers.csv).")
+    return "\n".join(lines)
+
+
+def _figures(tables, paths, summary, delta, out_dir, lora):
+    """alpha_by_layer.png, delta_alpha.png, esd.png, alpha_vs_gap.png; returns the names written."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+    from kdpo_lab import plots
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name), dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(next(iter(tables.values())))), 3.8))
+    plots.plot_alpha_by_layer(tables, ax=ax)
+    save(fig, "alpha_by_layer.png")
+    if len(delta):
+        fig, ax = plt.subplots(figsize=(max(6, 0.25 * delta["name"].nunique()), 3.5))
+        plots.plot_delta_alpha(delta, ax=ax)
+        save(fig, "delta_alpha.png")
+    layer = esd_layer(next(iter(tables.values())))
+    cols = min(3, len(paths))
+    rows = -(-len(paths) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    n_layer = int(next(iter(tables.values())).set_index("name").loc[layer, "n_evals"])
+    for ax, (name, path) in zip(axes.ravel(), paths.items()):
+        if layer in set(tables[name]["name"]):
+            with _blas_threads(n_layer):
+                plots.plot_esd(path, layer, ax=ax, lora=lora)
+            ax.set_title(f"{name}: {ax.get_title()}", fontsize=8)
+            ax.xaxis.set_minor_formatter(NullFormatter())  # no crowded labels when lambda spans < a decade
+    for ax in axes.ravel()[len(paths):]:
+        ax.axis("off")
+    save(fig, "esd.png")
+    if int(np.isfinite(summary["gen_gap"]).sum()) >= 2:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        plots.plot_alpha_vs_gap(summary[np.isfinite(summary["gen_gap"])], ax=ax)
+        save(fig, "alpha_vs_gap.png")
+    return written

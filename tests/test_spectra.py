@@ -1,7 +1,9 @@
 """Facts about kdpo_lab.spectra: per-layer HT-SR metrics are weightwatcher's own, every block linear
 layer appears once, LoRA is merged, small matrices are flagged, summaries keep noise out.
+`analyse_runs` (`kdpo spectra`) tables what layer_table computes and prints no mean alpha from noise.
 Models are built from configs (hidden 384 so that some fits are reliable); nothing downloads."""
 import copy
+import json
 import math
 import os
 import subprocess
@@ -17,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
+from kdpo_lab import cli
 from kdpo_lab import models as M
 from kdpo_lab import plots
 from kdpo_lab import spectra as S
@@ -333,3 +336,108 @@ def test_plots_draw_and_mark_unreliable_layers(gqa_llama, gqa_table):
                                "alpha_true": [math.nan] * 2 + [3.0] * 2, "q05": 1.0, "median": 3.0, "q95": 5.0})
     assert plots.plot_alpha_reliability(experiment).get_xscale() == "log"
     plt.close("all")
+
+
+# ---- runs: `kdpo spectra RUN_DIR...` -----------------------------------------------------------
+
+def save_run(folder, model, gaps=()):
+    """A run folder as training.train leaves it: model/ and one eval.jsonl row per (step, gap)."""
+    model.save_pretrained(folder / "model")
+    rows = [{"step": step, "pref/accuracy": 0.6, "pref/train_accuracy": 0.6 + gap, "pref/gap": gap}
+            for step, gap in gaps]
+    if rows:
+        (folder / "eval.jsonl").write_text("".join(f"{json.dumps(r)}\n" for r in rows))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """An SFT reference (no eval.jsonl) and two aligned runs of a width-32 Llama: every matrix has 32
+    eigenvalues, far below MIN_RELIABLE_EVALS."""
+    root = tmp_path_factory.mktemp("runs")
+    make = lambda seed: M.build_model(M.tiny_config("llama", 300, d_model=32, n_layers=2, n_heads=2), seed=seed)
+    return [save_run(root / "sft", make(0)),
+            save_run(root / "dpo", make(1), gaps=[(5, 0.5), (10, 0.1)]),
+            save_run(root / "dpo_high_lr", make(2), gaps=[(10, 0.3)])]
+
+
+def test_spectra_command_writes_tables_and_figures_and_warns_once_about_small_matrices(tiny_runs, tmp_path,
+                                                                                        capsys):
+    out = tmp_path / "spectra"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["spectra", *map(str, tiny_runs), "--out", str(out)]) == 0
+    ours = [str(w.message) for w in caught if issubclass(w.category, S.SmallMatrixWarning)]
+    assert len(ours) == 1 and "14 of 14 layers in each of 3 runs" in ours[0] and "(min(N, M) = 32)" in ours[0]
+    assert {p.name for p in out.iterdir()} == {"layers.csv", "summary.csv", "delta_alpha.csv", *S.FIGURES}
+    layers = pd.read_csv(out / "layers.csv")
+    for run in tiny_runs:  # the long table is each run's layer_table
+        own = quiet_table(run)
+        np.testing.assert_array_equal(layers.loc[layers["run"] == run.name, "alpha"], own["alpha"])
+    summary = pd.read_csv(out / "summary.csv").set_index("run")
+    assert summary["baseline"].tolist() == [True, False, False] and (summary["n_reliable"] == 0).all()
+    assert summary["mean_alpha"].isna().all() and summary["frac 2-6"].isna().all()
+    assert summary.loc["dpo", "gen_gap"] == 0.1 and summary.loc["dpo", "eval_step"] == 10  # the LAST evaluation
+    assert math.isnan(summary.loc["sft", "gen_gap"])  # an SFT run has no preference evaluation
+    delta = pd.read_csv(out / "delta_alpha.csv")
+    sft = layers[layers["run"] == "sft"].set_index("name")["alpha"]
+    np.testing.assert_allclose(delta["delta_alpha"], delta["alpha"] - delta["name"].map(sft).to_numpy())
+    assert set(delta["run"]) == {"dpo", "dpo_high_lr"} and not delta["reliable"].any()
+    text = capsys.readouterr().out
+    assert "0 of 14" in text and "No layer is reliable" in text and "32 eigenvalues, below 384" in text
+    for small in summary["mean_alpha_small"]:  # the mean of noisy alphas is never printed
+        assert f"{small:.2f}" not in text
+
+
+def test_mean_alpha_and_its_change_count_reliable_layers_only(tmp_path, capsys):
+    # q/o/gate/up/down have 384 eigenvalues; k/v (grouped-query, one kv head) only 96
+    a = save_run(tmp_path / "base", llama(seed=0, layers=1, kv_heads=1))
+    b = save_run(tmp_path / "other", llama(seed=1, layers=1, kv_heads=1), gaps=[(1, 0.2)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = S.analyse_runs([a, b], tmp_path / "out").set_index("run")
+    assert ["2 of 7 layers in each of 2 runs" in str(w.message) for w in caught
+            if issubclass(w.category, S.SmallMatrixWarning)] == [True]
+    ta, tb = quiet_table(a), quiet_table(b)
+    ok = ta["reliable"]
+    assert ok.sum() == 5 and summary.loc["other", "n_reliable"] == 5
+    assert summary.loc["other", "mean_alpha"] == pytest.approx(tb.loc[ok, "alpha"].mean(), rel=1e-12)
+    assert summary.loc["other", "mean_delta_alpha"] == pytest.approx((tb["alpha"] - ta["alpha"])[ok].mean(), rel=1e-9)
+    assert math.isnan(summary.loc["base", "mean_delta_alpha"])
+    text = capsys.readouterr().out
+    assert f"{tb.loc[ok, 'alpha'].mean():.2f}" in text and "5 of 7" in text
+    assert f"{tb['alpha'].mean():.2f}" not in text  # the mean that would include the k/v noise
+    assert not (tmp_path / "out" / "alpha_vs_gap.png").exists()  # one run with a gap: nothing to relate
+
+
+def test_the_esd_layer_is_the_largest_reliable_one_else_the_largest(gqa_table):
+    assert S.esd_layer(gqa_table) == "model.layers.0.mlp.gate_proj"  # 768 x 384, before up/down in model order
+    noisy = gqa_table.assign(reliable=False)
+    assert S.esd_layer(noisy) == "model.layers.0.mlp.gate_proj"
+    only_k = gqa_table.assign(reliable=gqa_table["module"] == "k_proj")
+    assert S.esd_layer(only_k) == "model.layers.0.self_attn.k_proj"
+
+
+def test_baseline_is_the_first_run_unless_named_by_name_or_folder(tiny_runs, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", S.SmallMatrixWarning)
+        for baseline, expected in ((None, "sft"), ("dpo", "dpo"), (tiny_runs[2], "dpo_high_lr")):
+            summary = S.analyse_runs(tiny_runs, tmp_path / str(expected), baseline=baseline, verbose=False)
+            assert summary.loc[summary["baseline"], "run"].tolist() == [expected]
+            assert expected not in set(pd.read_csv(tmp_path / str(expected) / "delta_alpha.csv")["run"])
+        with pytest.raises(ValueError, match="baseline"):
+            S.analyse_runs(tiny_runs, tmp_path / "bad", baseline="ref", verbose=False)
+    with pytest.raises(ValueError):
+        S.analyse_runs([], tmp_path / "none")
+
+
+def test_run_names_are_folder_names_made_unique_by_their_parents():
+    assert S.run_names(["runs/a/dpo", "runs/b/dpo", "runs/sft/model", "x"]) == ["a/dpo", "b/dpo", "sft", "x"]
+    with pytest.raises(ValueError, match="repeat"):
+        S.run_names(["runs/dpo", "runs/dpo/model"])
+
+
+def test_the_gap_is_read_from_a_run_or_from_its_model_folder(tiny_runs):
+    assert S.read_gap(tiny_runs[1])["gen_gap"] == 0.1
+    assert S.read_gap(tiny_runs[1] / "model")["train_accuracy"] == pytest.approx(0.7)
+    assert all(math.isnan(v) for v in S.read_gap(tiny_runs[0]).values())
