@@ -306,10 +306,12 @@ def train(cfg: TrainConfig, ref_model=None):
     if cfg.resume and (ckpt / "state.json").exists():
         accelerator.load_state(str(ckpt))
         step = json.loads((ckpt / "state.json").read_text())["step"]
-        _truncate_metrics(out / "metrics.jsonl", step)
+        for log in ("metrics.jsonl", "eval.jsonl"):
+            _truncate_metrics(out / log, step)
         accelerator.print(f"resumed from {ckpt} at step {step}")
-    elif (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
+    else:  # a fresh run: logs of an earlier run in the same folder would mix with this one's
+        for log in ("metrics.jsonl", "eval.jsonl"):
+            (out / log).unlink(missing_ok=True)
 
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.batch_size * cfg.grad_accum * world
@@ -466,7 +468,7 @@ def _append_jsonl(path, row):
 
 
 def _truncate_metrics(path, step):
-    """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
+    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
     if path.exists():
         rows = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
         path.write_text("".join(r + "\n" for r in rows))

@@ -184,3 +184,11 @@ def test_a_single_file_is_split_into_disjoint_train_and_held_out_pairs(tmp_path)
     held, _ = training.read_pairs(cfg, "validation")
     assert len(train_pairs) == 45 and len(held) == 5
     assert not {p.prompt for p in train_pairs} & {p.prompt for p in held}
+
+
+def test_a_fresh_run_in_an_old_folder_starts_clean_logs(tmp_path):
+    cfg = tiny(tmp_path, "again", max_steps=2, eval_every=1)
+    training.train(cfg)
+    run = training.train(cfg)
+    ev = pd.read_json(run / "eval.jsonl", lines=True)
+    assert list(ev["step"]) == [1, 2]
