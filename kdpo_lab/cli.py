@@ -78,6 +78,7 @@ def main(argv=None):
     p = sub.add_parser("spectra", help="HT-SR: weightwatcher layer alphas of runs, bands, plots")
     p.add_argument("runs", nargs="+", help="run folders (each with model/) or model folders")
     p.add_argument("--out", default="outputs/spectra", help="output folder [%(default)s]")
+    p.add_argument("--baseline", default=None, help="run to compare against, by name or folder [the first run]")
 
     args = parser.parse_args(argv)
     if args.command == "quickstart":
@@ -101,7 +102,7 @@ def main(argv=None):
         quickstart.math_demo(Path(args.out))
     elif args.command == "spectra":
         from kdpo_lab import spectra
-        spectra.analyse_runs([Path(r) for r in args.runs], Path(args.out))
+        spectra.analyse_runs([Path(r) for r in args.runs], Path(args.out), baseline=args.baseline)
     return 0
 
 

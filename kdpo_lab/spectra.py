@@ -27,6 +27,10 @@ can differ slightly between a CPU and a GPU machine; compare runs analysed on th
 
 Small matrices: see MIN_RELIABLE_EVALS. Layers with fewer eigenvalues are marked reliable=False,
 reported separately by `summarize` and drawn hollow/grey by the plots.
+
+Runs: `analyse_runs` (the `kdpo spectra RUN_DIR...` command) tables every run, compares it with a
+reference run, relates mean alpha to the generalisation gap, and writes CSVs and figures; `findings`
+answers the two questions of notebook 09 in words, with their caveats, from its summary.
 """
 import contextlib
 import copy
@@ -123,6 +127,29 @@ def _ww():
     return weightwatcher
 
 
+@contextlib.contextmanager
+def _blas_threads(n_max):
+    """One BLAS/torch thread while analysing small matrices (n_max <= 1024 eigenvalues): their SVDs are
+    several times faster single-threaded on a shared CPU; large matrices keep every thread."""
+    if n_max > 1024:
+        yield
+        return
+    _ww()  # load scipy's BLAS first: threadpool_limits only reaches libraries already loaded
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn, a weightwatcher dependency
+    except ImportError:  # pragma: no cover
+        limits = contextlib.nullcontext()
+    else:
+        limits = threadpool_limits(limits=1)
+    try:
+        with limits:
+            yield
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
 def _analyze(model, layer_ids, min_evals=None):
     """weightwatcher's analyze() on the modules at these positions of model.named_modules()
     (weightwatcher numbers layers that way, from 0). Returns its details DataFrame indexed by id."""
@@ -130,7 +157,9 @@ def _analyze(model, layer_ids, min_evals=None):
     kwargs = dict(layers=list(layer_ids), plot=False, savefig=False, randomize=False, mp_fit=False)
     if min_evals is not None:
         kwargs["min_evals"] = min_evals
-    with _quiet():
+    modules = dict(enumerate(m for _, m in model.named_modules()))
+    n_max = max((min(modules[i].weight.shape) for i in kwargs["layers"] if hasattr(modules[i], "weight")), default=0)
+    with _quiet(), _blas_threads(n_max):
         details = ww.WeightWatcher(model=model).analyze(**kwargs)
     if len(details) == 0:
         return pd.DataFrame(columns=["layer_id"]).set_index("layer_id")
@@ -480,44 +509,29 @@ def reliability_experiment(sizes=(16, 32, 64, 128, 192, 256, 384, 512), n_seeds=
         raise ValueError("need n_seeds >= 2 and sizes >= 8 (weightwatcher's smallest layer)")
     rng = np.random.default_rng(seed)
     rows = []
-    for n in sizes:
-        ensembles = [(f"Gaussian Q={Q}", math.nan, lambda Q=Q: _gaussian(n, Q, rng)) for Q in aspects]
-        ensembles += [(f"planted alpha={a:g}", a, lambda a=a: _planted(n, a, rng)) for a in alphas]
-        for label, a, draw in ensembles:
-            fit = _fit_alphas([draw() for _ in range(n_seeds)])
-            rows.append(dict(n=n, ensemble=label, alpha_true=a, q05=np.quantile(fit, 0.05),
-                             median=np.median(fit), q95=np.quantile(fit, 0.95), std=fit.std(),
-                             frac_2_4=np.mean((fit >= 2) & (fit < 4)),
-                             recovered=np.mean(np.abs(fit - a) < 0.5) if np.isfinite(a) else math.nan))
+    with _blas_threads(max(sizes)):
+        for n in sizes:
+            rows += _reliability_rows(n, n_seeds, alphas, aspects, rng)
     return pd.DataFrame(rows)
+
+
+def _reliability_rows(n, n_seeds, alphas, aspects, rng):
+    """The rows of `reliability_experiment` for one size n."""
+    ensembles = [(f"Gaussian Q={Q}", math.nan, lambda Q=Q: _gaussian(n, Q, rng)) for Q in aspects]
+    ensembles += [(f"planted alpha={a:g}", a, lambda a=a: _planted(n, a, rng)) for a in alphas]
+    rows = []
+    for label, a, draw in ensembles:
+        fit = _fit_alphas([draw() for _ in range(n_seeds)])
+        rows.append(dict(n=n, ensemble=label, alpha_true=a, q05=np.quantile(fit, 0.05),
+                         median=np.median(fit), q95=np.quantile(fit, 0.95), std=fit.std(),
+                         frac_2_4=np.mean((fit >= 2) & (fit < 4)),
+                         recovered=np.mean(np.abs(fit - a) < 0.5) if np.isfinite(a) else math.nan))
+    return rows
 
 
 # ---- runs: `kdpo spectra RUN_DIR...` ------------------------------------------------------------
 
 FIGURES = ("alpha_by_layer.png", "delta_alpha.png", "esd.png", "alpha_vs_gap.png")
-
-
-@contextlib.contextmanager
-def _blas_threads(n_max):
-    """One BLAS/torch thread while analysing small matrices (n_max <= 1024 eigenvalues): their SVDs are
-    several times faster single-threaded on a shared CPU; large matrices keep every thread."""
-    if n_max > 1024:
-        yield
-        return
-    _ww()  # load scipy's BLAS first: threadpool_limits only reaches libraries already loaded
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits  # installed with scikit-learn, a weightwatcher dependency
-    except ImportError:  # pragma: no cover
-        limits = contextlib.nullcontext()
-    else:
-        limits = threadpool_limits(limits=1)
-    try:
-        with limits:
-            yield
-    finally:
-        torch.set_num_threads(torch_threads)
 
 
 def run_names(run_dirs):
@@ -602,11 +616,7 @@ def analyse_runs(run_dirs, out_dir, baseline=None, *, names=None, min_evals=MIN_
 
     tables = {}
     for name, path in zip(names, run_dirs):
-        model = resolve_model(path, lora=lora)
-        n_max = int(block_linear_layers(model)["name"].map(lambda n: _dims(model.get_submodule(n))[1]).max())
-        with _blas_threads(n_max):
-            tables[name] = layer_table(model, min_evals=min_evals, lora=lora, warn=False)
-        del model
+        tables[name] = layer_table(path, min_evals=min_evals, lora=lora, warn=False)
     layers = pd.concat([t.assign(run=name) for name, t in tables.items()], ignore_index=True)
     layers = layers[["run"] + _TABLE_COLUMNS]
     layers.to_csv(os.path.join(out_dir, "layers.csv"), index=False)
@@ -736,3 +746,66 @@ def _figures(tables, paths, summary, delta, out_dir, lora):
         plots.plot_alpha_vs_gap(summary[np.isfinite(summary["gen_gap"])], ax=ax)
         save(fig, "alpha_vs_gap.png")
     return written
+
+
+def findings(summary, n_eval=None, min_evals=MIN_RELIABLE_EVALS):
+    """The paper's two HT-SR questions answered from `analyse_runs`' summary, as markdown bullets,
+    every number read from the summary, each with the caveat that limits it:
+      1. do the aligned variants keep their layers in the healthy band 2 <= alpha <= 6?
+      2. does mean alpha track the generalisation gap (HT-SR: lower alpha, more over-fitting)?
+    Only reliable layers count (at least min_evals eigenvalues); with none, both are declared
+    unanswerable. n_eval: held-out pairs behind each gap, for its standard error."""
+    base = summary.loc[summary["baseline"], "run"].iloc[0] if "baseline" in summary else summary["run"].iloc[0]
+    if int(summary["n_reliable"].sum()) == 0:
+        return (f"- **No layer of any run has {min_evals} eigenvalues or more**, so neither question can be "
+                f"answered here: at this size a fitted alpha is not distinguishable from noise (see the reliability "
+                f"plot). Every alpha of this analysis is shown hollow and no mean alpha is reported.")
+    pct = lambda x: "-" if not np.isfinite(x) else f"{x:.0%}"
+    lines = [f"- Reliable layers (at least {min_evals} eigenvalues): "
+             + ", ".join(f"`{r['run']}` {r['n_reliable']} of {r['n_layers']}" for _, r in summary.iterrows()) + "."]
+    ref = summary[summary["run"] == base].iloc[0]
+    runs = summary[(summary["run"] != base) & (summary["n_reliable"] > 0)]
+    lines.append(f"- Reference `{base}`: {pct(ref['frac 2-6'])} of reliable layers in [2, 6], {pct(ref['frac <2'])} "
+                 f"below 2, {pct(ref['frac >6'])} above 6 (mean alpha {ref['mean_alpha']:.2f}).")
+    for _, r in runs.iterrows():
+        lines.append(f"- `{r['run']}`: {pct(r['frac 2-6'])} in [2, 6], {pct(r['frac <2'])} below 2, "
+                     f"{pct(r['frac >6'])} above 6; mean alpha {r['mean_alpha']:.2f}, mean change "
+                     f"{r['mean_delta_alpha']:+.2f} against the reference.")
+    if len(runs):
+        below, above = runs[runs["frac <2"] > 0], runs[runs["frac >6"] > 0]
+        if below.empty and above.empty:
+            verdict = "every aligned run keeps all its reliable layers in [2, 6]"
+        else:
+            verdict = ("no aligned run has a reliable layer below 2 (over-fit risk)" if below.empty else
+                       f"{len(below)} of {len(runs)} aligned runs have layers below 2 (over-fit risk): "
+                       f"{', '.join(below['run'])}")
+            if len(above):
+                verdict += (f"; {len(above)} of {len(runs)} have layers above 6 (under-trained): "
+                            f"{', '.join(above['run'])}")
+        lines.append(f"- **Healthy band:** {verdict}.")
+        if np.isfinite(ref["frac >6"]) and ref["frac >6"] >= 0.5:
+            lines.append("- Caveat: at least half of the reference's layers are above 6, where a random (untrained) "
+                         "matrix of this size is fitted; staying out of the over-fit band says little about "
+                         "alignment when the weights barely left their initialisation.")
+        moves = runs["mean_delta_alpha"].abs()
+        if moves.notna().any():
+            lines.append(f"- The largest mean change of alpha is {moves.max():.2f} (`{runs.loc[moves.idxmax(), 'run']}`); "
+                         f"even at {min_evals} eigenvalues a planted alpha is recovered within 0.5 in only about 95% of "
+                         f"draws (MIN_RELIABLE_EVALS docstring), so smaller changes of one layer are within the estimator's "
+                         f"spread (a mean over many layers is steadier).")
+    rel = gap_relation(summary)
+    se = f" Each gap is a difference of two accuracies on {n_eval} pairs: standard error up to " \
+         f"{math.sqrt(0.5 / n_eval):.3f}." if n_eval else ""
+    if rel["n"] < 3:
+        lines.append(f"- **Alpha and the gap:** only {rel['n']} run(s) have both a reliable mean alpha and a gap; "
+                     f"a relation needs at least 3 (and means little below about 8).{se}")
+    else:
+        smallest = 2 / math.factorial(rel["n"]) if rel["n"] <= 8 else math.nan
+        sign = ("negative, the direction HT-SR predicts (lower alpha, larger gap)" if rel["spearman"] < 0 else
+                "not negative: not the direction HT-SR predicts" if rel["spearman"] > 0 else "zero")
+        strength = "significant at 5%" if rel["p_spearman"] < 0.05 else "not significant at 5%"
+        lines.append(f"- **Alpha and the gap:** Spearman {rel['spearman']:+.2f} over {rel['n']} runs, {sign}; exact "
+                     f"p = {rel['p_spearman']:.2f}, {strength}"
+                     + (f" (with {rel['n']} runs even a perfect ranking gives p = {smallest:.3f})" if smallest == smallest
+                        else "") + f".{se}")
+    return "\n".join(lines)

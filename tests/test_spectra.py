@@ -441,3 +441,58 @@ def test_the_gap_is_read_from_a_run_or_from_its_model_folder(tiny_runs):
     assert S.read_gap(tiny_runs[1])["gen_gap"] == 0.1
     assert S.read_gap(tiny_runs[1] / "model")["train_accuracy"] == pytest.approx(0.7)
     assert all(math.isnan(v) for v in S.read_gap(tiny_runs[0]).values())
+
+
+# ---- the reading: exact p-values and findings ------------------------------------------------------
+
+def test_with_four_runs_even_a_perfect_rank_correlation_has_p_one_in_twelve():
+    x = np.array([1.0, 2.0, 3.0, 4.0])
+    assert S.spearman_exact_p(x, x) == pytest.approx(2 / 24)
+    assert S.spearman_exact_p(x, -x) == pytest.approx(2 / 24)
+    assert S.spearman_exact_p(x, np.ones(4)) != S.spearman_exact_p(x, np.ones(4))  # constant gap: undefined
+    with pytest.raises(ValueError):
+        S.spearman_exact_p(x[:2], x[:2])
+
+
+def test_exact_spearman_p_equals_scipys_permutation_test():
+    from scipy import stats
+    x, y = np.array([3.1, 2.2, 5.0, 4.4, 1.0]), np.array([0.1, 0.3, -0.2, 0.05, 0.2])
+    peer = stats.permutation_test((x, y), lambda a, b: stats.spearmanr(a, b).statistic, permutation_type="pairings",
+                                  n_resamples=np.inf).pvalue
+    assert S.spearman_exact_p(x, y) == pytest.approx(peer)
+    summary = S.summarize({f"r{i}": fake_table([a], [True]) for i, a in enumerate(x)},
+                          gaps={f"r{i}": g for i, g in enumerate(y)})
+    assert S.gap_relation(summary)["p_spearman"] == pytest.approx(peer)
+
+
+def fake_summary(alphas, gaps):
+    tables = {run: fake_table(a, [True] * len(a)) for run, a in alphas.items()}
+    summary = S.summarize(tables, gaps=gaps)
+    summary["mean_delta_alpha"] = summary["mean_alpha"] - summary["mean_alpha"].iloc[0]
+    summary.insert(1, "baseline", summary["run"] == "sft")
+    return summary
+
+
+def test_findings_read_the_bands_and_the_gap_relation_from_the_summary():
+    alphas = {"sft": [7, 8, 5, 3], "dpo": [6.5, 7, 4, 3], "js": [7, 7.5, 4.5, 3], "hmk": [5, 6, 3, 1.5],
+              "over": [3, 2, 1.5, 1.8]}
+    text = S.findings(fake_summary(alphas, {"sft": math.nan, "dpo": 0.02, "js": 0.01, "hmk": 0.05, "over": 0.3}),
+                      n_eval=256)
+    assert "`hmk`: 75% in [2, 6], 25% below 2, 0% above 6; mean alpha 3.88, mean change -1.88" in text
+    assert ("2 of 4 aligned runs have layers below 2 (over-fit risk): hmk, over; 2 of 4 have layers above 6 "
+            "(under-trained): dpo, js") in text
+    assert "at least half of the reference's layers are above 6" in text
+    assert "Spearman -1.00 over 4 runs, negative" in text and "p = 0.08, not significant" in text
+    assert "standard error up to 0.044" in text
+    healthy = S.findings(fake_summary({"sft": [3, 4.5], "dpo": [3.2, 5]}, {"sft": math.nan, "dpo": 0.1}))
+    assert "every aligned run keeps all its reliable layers in [2, 6]" in healthy and "at least half" not in healthy
+    assert "only 1 run(s) have both a reliable mean alpha and a gap" in healthy
+    under = S.findings(fake_summary({"sft": [7, 8], "dpo": [3.2, 7]}, {"sft": math.nan, "dpo": 0.1}))
+    assert "no aligned run has a reliable layer below 2 (over-fit risk); 1 of 1 have layers above 6" in under
+
+
+def test_findings_refuse_to_answer_without_reliable_layers():
+    tables = {"sft": fake_table([3.0, 5.0], [False, False]), "dpo": fake_table([2.5, 4.0], [False, False])}
+    summary = S.summarize(tables, gaps={"sft": math.nan, "dpo": 0.2})
+    text = S.findings(summary)
+    assert "neither question can be answered" in text and "3.0" not in text and "2.5" not in text
