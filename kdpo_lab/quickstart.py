@@ -46,7 +46,7 @@ def run(out, fast=None):
     sft(ref_cfg)
     runs = {}
     for name, loss in VARIANTS.items():
-        cfg = TrainConfig(out_dir=str(out / _slug(name)), model=str(out / "sft" / "model"), lr=1e-4,
+        cfg = TrainConfig(out_dir=str(out / _slug(name)), model=str(out / "sft" / "model"), lr=5e-5,
                           max_steps=s["dpo_steps"], eval_every=s["eval_every"], eval_generate=s["n_generate"],
                           save_every=s["dpo_steps"], **base, **loss)
         runs[name] = train(cfg)

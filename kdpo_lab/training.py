@@ -77,7 +77,7 @@ class TrainConfig:
     loss_type: str = _f("sigmoid", "sigmoid (DPO), hinge, ipo, cdpo, robust")
     label_smoothing: float = _f(0.0, "flip rate for cdpo / robust")
     # optimisation
-    lr: float = _f(1e-4, "peak learning rate of the policy (tiny full fine-tuning: 5e-4 over-optimises)")
+    lr: float = _f(5e-5, "peak learning rate of the policy (tiny full fine-tuning: 5e-4 over-optimises, see README)")
     kernel_lr: float = _f(1e-2, "learning rate of the kernel's parameters (HMK weights, bandwidths)")
     batch_size: int = _f(16, "pairs per micro-batch per process")
     grad_accum: int = _f(1, "micro-batches per optimisation step")
