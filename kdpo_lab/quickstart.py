@@ -72,17 +72,14 @@ def write_report(runs, out):
     rows = []
     for name, df in evals.items():
         last = df.iloc[-1].to_dict()
-        train_last = metrics[name].iloc[-1]
         rows.append({"variant": name, **{k: v for k, v in last.items() if k not in ("samples", "step")},
-                     "train/accuracy": train_last["rewards/accuracies"],
                      "time/step_s": metrics[name]["time/step_s"].median(),
                      "memory/peak_mb": metrics[name]["memory/peak_mb"].max()})
     table = pd.DataFrame(rows)
     table.to_csv(out / "results.csv", index=False)
-    main_cols = [c for c in ("variant", "pref/accuracy", "train/accuracy", "kl", "reward/policy", "reward/reference",
+    main_cols = [c for c in ("variant", "pref/accuracy", "pref/train_accuracy", "kl", "reward/policy", "reward/reference",
                              "winrate", "time/step_s", "memory/peak_mb") if c in table]
-    (out / "results.md").write_text(table[main_cols].to_markdown(index=False, floatfmt=".3f")
-                                    if _has_tabulate() else table[main_cols].to_string(index=False))
+    (out / "results.md").write_text(markdown_table(table[main_cols]))
 
     plots.plot_training_curves(metrics)
     _save(out / "training_curves.png")
@@ -115,10 +112,9 @@ def _save(path):
     plt.close("all")
 
 
-def _has_tabulate():
-    try:
-        import tabulate  # noqa: F401
-        return True
-    except ImportError:
-        return False
+def markdown_table(df):
+    """A DataFrame as a markdown table, numbers to 3 decimals."""
+    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + " --- |" * len(df.columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]) + "\n"
 
