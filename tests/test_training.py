@@ -192,3 +192,13 @@ def test_a_fresh_run_in_an_old_folder_starts_clean_logs(tmp_path):
     run = training.train(cfg)
     ev = pd.read_json(run / "eval.jsonl", lines=True)
     assert list(ev["step"]) == [1, 2]
+
+
+def test_the_quickstart_in_fast_mode_writes_every_table_and_figure(tmp_path):
+    from kdpo_lab import quickstart
+    table = quickstart.run(tmp_path, fast=True)
+    assert list(table["variant"]) == list(quickstart.VARIANTS)
+    for name in ("results.csv", "results.md", "training_curves.png", "reward_vs_kl.png", "winrate_by_family.png",
+                 "pair_grid.png", "samples.json"):
+        assert (tmp_path / name).exists(), name
+    assert (tmp_path / "results.md").read_text().startswith("| variant |")
