@@ -16,20 +16,31 @@ from kdpo_lab import models
 
 
 @torch.no_grad()
-def preference_metrics(model, ref_model, feats, pairs, beta, pad_id, batch_size=32):
-    """Held-out accuracy (rho_w > rho_l) and mean margin beta * (rho_w - rho_l), overall and per family."""
+def pair_logps(model, feats, pad_id, batch_size=32):
+    """Sequence log-probs of the chosen and the rejected response of every pair: ([n], [n]) on the CPU."""
     device = next(model.parameters()).device
-    rho_w, rho_l = [], []
-    model.eval()
+    ws, ls = [], []
     for i in range(0, len(feats), batch_size):
         batch = {k: v.to(device) for k, v in kdata.collate(feats[i:i + batch_size], pad_id).items()}
-        args = (batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-        pw, pl = models.sequence_logps(model, *args)["logps"].float().chunk(2)
+        w, l = models.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
+                                     batch["response_mask"])["logps"].float().chunk(2)
+        ws.append(w.cpu())
+        ls.append(l.cpu())
+    return torch.cat(ws), torch.cat(ls)
+
+
+@torch.no_grad()
+def preference_metrics(model, ref_model, feats, pairs, beta, pad_id, ref_logps=None, batch_size=32):
+    """Held-out accuracy (rho_w > rho_l) and mean margin beta * (rho_w - rho_l), overall and per family.
+
+    ref_logps: the reference's (chosen, rejected) log-probs of these pairs when already computed (the
+    reference does not change during training, so the trainer computes them once)."""
+    model.eval()
+    pw, pl = pair_logps(model, feats, pad_id, batch_size)
+    if ref_logps is None:
         with models.reference_context(model, ref_model) as ref:
-            rw, rl = models.sequence_logps(ref, *args)["logps"].float().chunk(2)
-        rho_w.append((pw - rw).cpu())
-        rho_l.append((pl - rl).cpu())
-    rho_w, rho_l = torch.cat(rho_w), torch.cat(rho_l)
+            ref_logps = pair_logps(ref, feats, pad_id, batch_size)
+    rho_w, rho_l = pw - ref_logps[0], pl - ref_logps[1]
     correct = (rho_w > rho_l).float()
     result = {"pref/accuracy": correct.mean().item(), "pref/margin": (beta * (rho_w - rho_l)).mean().item()}
     for family, rows in _by_family(pairs).items():
@@ -73,10 +84,11 @@ def sequence_logps_of(model, prompt_ids, response_ids, pad_id, batch_size=32):
     return torch.cat(result)
 
 
-def evaluate(model, ref_model, tokenizer, pairs, feats, beta, n_generate=0, seed=0, max_new_tokens=32):
-    """Preference metrics; with n_generate > 0 also KL(pi || pi_ref), exact rewards and win-rate per family."""
+def evaluate(model, ref_model, tokenizer, pairs, feats, beta, n_generate=0, seed=0, max_new_tokens=32, ref_logps=None):
+    """Preference metrics; with n_generate > 0 also KL(pi || pi_ref), exact rewards and win-rate per family.
+    ref_logps: precomputed reference (chosen, rejected) log-probs of `feats`, if any."""
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    result = preference_metrics(model, ref_model, feats, pairs, beta, pad_id)
+    result = preference_metrics(model, ref_model, feats, pairs, beta, pad_id, ref_logps=ref_logps)
     if n_generate <= 0:
         return result
     pairs, feats = pairs[:n_generate], feats[:n_generate]

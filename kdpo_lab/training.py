@@ -31,7 +31,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from kdpo_lab import data as kdata
-from kdpo_lab import divergences, kernels, models
+from kdpo_lab import divergences, evaluation, kernels, models
 from kdpo_lab.losses import kernel_dpo_loss
 
 
@@ -205,18 +205,11 @@ def batch_forward(model, batch, need_hidden, need_logits):
                                  return_hidden=need_hidden, return_logits=need_logits)
 
 
-@torch.no_grad()
-def reference_logps(model, ref_model, features, pad_id, batch_size, device):
+def reference_logps(model, ref_model, features, pad_id, batch_size):
     """Sequence log-probs of chosen and rejected under the reference, once for the whole set: [n], [n]."""
-    ws, ls = [], []
     with models.reference_context(model, ref_model) as ref:
         ref.eval()
-        for i in range(0, len(features), batch_size):
-            batch = _batch(features, range(i, min(i + batch_size, len(features))), pad_id, device)
-            w, l = batch_forward(ref, batch, False, False)["logps"].chunk(2)
-            ws.append(w.float().cpu())
-            ls.append(l.float().cpu())
-    return torch.cat(ws), torch.cat(ls)
+        return evaluation.pair_logps(ref, features, pad_id, batch_size)
 
 
 def encoder_embeddings(pairs, encoder):
@@ -288,7 +281,12 @@ def train(cfg: TrainConfig, ref_model=None):
     enc_train = encoder_embeddings(train_pairs, encoder) if encoder else None
     ref_w = ref_l = None
     if not need_ref_logits:
-        ref_w, ref_l = reference_logps(model, ref_model, train_feats, pad_id, 4 * cfg.batch_size, device)
+        ref_w, ref_l = reference_logps(model, ref_model, train_feats, pad_id, 4 * cfg.batch_size)
+    # the reference never changes: its log-probs of the pairs every evaluation scores are computed once
+    n_eval = len(eval_feats)
+    ref_eval = {"held_out": reference_logps(model, ref_model, eval_feats, pad_id, 4 * cfg.batch_size),
+                "train": (ref_w[:n_eval], ref_l[:n_eval]) if ref_w is not None
+                else reference_logps(model, ref_model, train_feats[:n_eval], pad_id, 4 * cfg.batch_size)}
     if kernel is not None:
         kernel.fit(_fit_embeddings(model, ref_model, train_feats, pad_id, device, enc_train))
 
@@ -352,8 +350,8 @@ def train(cfg: TrainConfig, ref_model=None):
                 if accelerator.is_main_process:
                     _append_jsonl(out / "metrics.jsonl", row)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                _evaluate(accelerator, model, ref_model, tokenizer, eval_pairs, eval_feats, train_pairs, train_feats, cfg,
-                          step, out)
+                _evaluate(accelerator, model, ref_model, tokenizer, eval_pairs, eval_feats, train_pairs, train_feats,
+                          ref_eval, cfg, step, out)
             if step % cfg.save_every == 0 or step == cfg.max_steps:
                 _save_checkpoint(accelerator, ckpt, step)
     except KeyboardInterrupt:
@@ -363,8 +361,8 @@ def train(cfg: TrainConfig, ref_model=None):
     finally:
         bar.close()
 
-    _evaluate(accelerator, model, ref_model, tokenizer, eval_pairs, eval_feats, train_pairs, train_feats, cfg,
-                          step, out)
+    _evaluate(accelerator, model, ref_model, tokenizer, eval_pairs, eval_feats, train_pairs, train_feats, ref_eval,
+              cfg, step, out)
     _save_model(accelerator, model, tokenizer, out)
     if kernel is not None and accelerator.is_main_process:
         torch.save(kernel.state_dict(), out / "kernel.pt")
@@ -481,18 +479,17 @@ def _save_checkpoint(accelerator, ckpt, step):
         (ckpt / "state.json").write_text(json.dumps({"step": step}))
 
 
-def _evaluate(accelerator, model, ref_model, tokenizer, eval_pairs, eval_feats, train_pairs, train_feats, cfg, step,
-              out):
+def _evaluate(accelerator, model, ref_model, tokenizer, eval_pairs, eval_feats, train_pairs, train_feats, ref_eval,
+              cfg, step, out):
     """Held-out metrics (and samples), plus accuracy on as many training pairs: the generalisation gap."""
-    from kdpo_lab import evaluation
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(model)
     result = evaluation.evaluate(unwrapped, ref_model, tokenizer, eval_pairs, eval_feats, beta=cfg.beta,
-                                 n_generate=cfg.eval_generate, seed=cfg.seed)
+                                 n_generate=cfg.eval_generate, seed=cfg.seed, ref_logps=ref_eval["held_out"])
     n = len(eval_feats)
     on_train = evaluation.preference_metrics(unwrapped, ref_model, train_feats[:n], train_pairs[:n], cfg.beta,
-                                             tokenizer.pad_token_id)
+                                             tokenizer.pad_token_id, ref_logps=ref_eval["train"])
     result["pref/train_accuracy"] = on_train["pref/accuracy"]
     result["pref/gap"] = on_train["pref/accuracy"] - result["pref/accuracy"]
     result["step"] = step
