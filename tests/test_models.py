@@ -145,14 +145,36 @@ def test_memory_estimate_closed_form_for_7b():
     assert Pt == 8 * 32 * (4 * (4096 + 4096) + 3 * (4096 + 11008)) == 19_988_480  # peft's figure
     assert lora["weights"] == 2 * P + 4 * Pt and lora["grads"] == 4 * Pt
     assert lora["optimizer"] == 8 * Pt
+    assert full["reference"] == 2 * P and lora["reference"] == 0  # LoRA's reference is the base, adapters off
+    assert full["lora_inputs"] == 0
+    assert lora["lora_inputs"] == 32 * 2 * 512 * (6 * 4096 + 11008) * 4  # fp32 inputs of q k v o gate up down
     for est in (full, lora):
-        assert est["total"] == est["weights"] + est["grads"] + est["optimizer"] + est["activations"]
+        parts = ("weights", "reference", "grads", "optimizer", "activations", "lora_inputs")
+        assert est["total"] == sum(est[k] for k in parts)
     ckpt = M.memory_estimate(cfg, "bf16", lora_rank=8, batch=2, seq_len=512, gradient_checkpointing=True)
     assert ckpt["activations"] < lora["activations"] / 5
     double = M.memory_estimate(cfg, "bf16", lora_rank=8, batch=4, seq_len=512)
     assert double["activations"] == 2 * lora["activations"]
     with pytest.raises(ValueError, match="dtype"):
         M.memory_estimate(cfg, "int3")
+    assert ckpt["lora_inputs"] == lora["lora_inputs"] // 32  # one layer at a time under checkpointing
+    assert M.memory_estimate(cfg, "fp32", lora_rank=8)["lora_inputs"] == 0  # the cast is a no-op in fp32
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_memory_estimate_counts_the_fp32_inputs_peft_feeds_its_adapters(arch):
+    # peer check: every adapted map's input, as peft casts it for lora_A in a bf16 model, summed
+    model = M.apply_lora(tiny(arch, dtype=torch.bfloat16), M.LoraSettings(r=4))
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+             for name, m in model.named_modules() if name.endswith("lora_A.default")]
+    ids, am, rm, _ = batch(n=3, T=10)
+    M.sequence_logps(model, ids, am, rm)
+    for h in hooks:
+        h.remove()
+    assert seen and all(x.dtype == torch.float32 for x in seen)
+    est = M.memory_estimate(model.config, "bf16", lora_rank=4, batch=3, seq_len=10)
+    assert sum(x.numel() * 4 for x in seen) == est["lora_inputs"]
 
 
 # --- sequence log-probs ----------------------------------------------------------------------
