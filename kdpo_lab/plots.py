@@ -225,16 +225,17 @@ def plot_alpha_by_layer(tables, ax=None, title="alpha by layer"):
     """alpha of every block layer, one line per run, layers in model order on the x-axis.
 
     tables: {run name: spectra.layer_table}. Reliable layers are filled markers; layers below
-    spectra.MIN_RELIABLE_EVALS (reliable=False) are hollow, so nobody reads noise as a finding."""
+    spectra.MIN_RELIABLE_EVALS (reliable=False) are hollow, so nobody reads noise as a finding.
+    Run i gets colour Ci, as in plot_delta_alpha and plot_alpha_vs_gap (the baseline, first, C0)."""
     ax = _ax(ax, (8, 3.5))
     _shade_bands(ax)
     top = 0
-    for run, table in tables.items():
+    for i, (run, table) in enumerate(tables.items()):
         x = list(range(len(table)))
         alpha = table["alpha"].to_numpy(dtype=float)
         ok = table["reliable"].to_numpy(dtype=bool)
-        line, = ax.plot(x, alpha, "-", lw=1, alpha=0.7, label=run)
-        colour = line.get_color()
+        colour = f"C{i % 10}"
+        ax.plot(x, alpha, "-", lw=1, alpha=0.7, label=run, color=colour)
         ax.plot([i for i in x if ok[i]], alpha[ok], "o", ms=5, color=colour)
         ax.plot([i for i in x if not ok[i]], alpha[~ok], "o", ms=5, mfc="none", color=colour)
         top = max(top, float(max(alpha[alpha == alpha], default=0)))
@@ -281,7 +282,8 @@ def plot_alpha_vs_gap(summary, ax=None, title=r"mean $\alpha$ vs generalisation 
     """Scatter of each run's mean alpha (reliable layers) against its generalisation gap (train minus
     held-out preference accuracy), from spectra.summarize(tables, gaps). Runs with no reliable layer
     are drawn hollow and grey at the mean over their small layers, labelled as such; the title gives
-    the Spearman correlation over the reliable runs when there are at least 3."""
+    the Spearman correlation over the reliable runs when there are at least 3. A run's colour is C of
+    its row number in the summary (row 0 is the baseline), as in plot_alpha_by_layer."""
     import numpy as np
     from kdpo_lab import spectra
     if "gen_gap" not in summary:
@@ -289,22 +291,22 @@ def plot_alpha_vs_gap(summary, ax=None, title=r"mean $\alpha$ vs generalisation 
     ax = _ax(ax)
     _shade_bands(ax)
     ys = []
-    for _, r in summary.iterrows():
+    for k, (row, r) in enumerate(summary.iterrows()):
         if np.isfinite(r["mean_alpha"]):
-            y, style = r["mean_alpha"], dict(color="C0")
+            y, style = r["mean_alpha"], dict(color=f"C{(row if isinstance(row, (int, np.integer)) else k) % 10}")
         elif np.isfinite(r["mean_alpha_small"]):
             y, style = r["mean_alpha_small"], dict(color="grey", mfc="none")
         else:
             continue
-        ax.plot([r["gen_gap"]], [y], "o", ms=8, **style)
-        ax.annotate(r["run"], (r["gen_gap"], y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.plot([r["gen_gap"]], [y], "o", ms=8, label=r["run"], **style)
         ys.append(y)
     rel = spectra.gap_relation(summary)
     if rel["n"] >= 3:
         title = f"{title}\nSpearman {rel['spearman']:.2f} over {rel['n']} runs"
     if summary["mean_alpha"].isna().any():
         ax.plot([], [], "o", mfc="none", color="grey", label="hollow: no reliable layer")
-        ax.legend(fontsize=8)
+    if ys:
+        ax.legend(fontsize=8, ncol=2)
     ax.set(xlabel="generalisation gap (train - held-out preference accuracy)",
            ylabel=r"mean $\alpha$", title=title, ylim=(0, max([8] + [1.1 * y for y in ys])))
     return ax
@@ -425,19 +427,21 @@ def plot_memory_timeline(timeline, step_ends=(), estimate=None, ax=None, title="
 def plot_delta_alpha(delta, ax=None, title=r"change of $\alpha$ against the baseline, by layer"):
     """delta_alpha = alpha(run) - alpha(baseline) of every block layer (spectra.compare), one line per
     run, layers in model order. Filled markers: both fits reliable; hollow: at least one layer below
-    spectra.MIN_RELIABLE_EVALS, a difference of two noisy numbers."""
+    spectra.MIN_RELIABLE_EVALS, a difference of two noisy numbers. Run i gets colour C(i+1), the
+    colour plot_alpha_by_layer gives it when the baseline comes first."""
     import numpy as np
     ax = _ax(ax, (8, 3.5))
     ax.axhline(0, color="grey", lw=0.8)
     first = None
-    for run, d in delta.groupby("run", sort=False):
+    for i, (run, d) in enumerate(delta.groupby("run", sort=False)):
         first = d if first is None else first
         x = np.arange(len(d))
         y = d["delta_alpha"].to_numpy(dtype=float)
         ok = d["reliable"].to_numpy(dtype=bool)
-        line, = ax.plot(x, y, "-", lw=1, alpha=0.7, label=run)
-        ax.plot(x[ok], y[ok], "o", ms=5, color=line.get_color())
-        ax.plot(x[~ok], y[~ok], "o", ms=5, mfc="none", color=line.get_color())
+        colour = f"C{(i + 1) % 10}"
+        ax.plot(x, y, "-", lw=1, alpha=0.7, label=run, color=colour)
+        ax.plot(x[ok], y[ok], "o", ms=5, color=colour)
+        ax.plot(x[~ok], y[~ok], "o", ms=5, mfc="none", color=colour)
     blocks = first["block"].to_numpy()
     starts = [i for i in range(len(blocks)) if i == 0 or blocks[i] != blocks[i - 1]]
     ax.set_xticks(starts, [f"block {blocks[i]}" for i in starts], fontsize=8)

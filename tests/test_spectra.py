@@ -338,6 +338,23 @@ def test_plots_draw_and_mark_unreliable_layers(gqa_llama, gqa_table):
     plt.close("all")
 
 
+def test_a_run_has_the_same_colour_in_every_ht_sr_plot():
+    from matplotlib.colors import to_hex
+    tables = {run: fake_table([3.0 + k, 4.0], [True, True]) for k, run in enumerate(["sft", "dpo", "js"])}
+    summary = S.summarize(tables, gaps={"sft": math.nan, "dpo": 0.0, "js": 0.1})
+    delta = pd.DataFrame({"run": ["dpo", "dpo", "js", "js"], "block": [0, 1] * 2, "delta_alpha": [1.0, 0, 2, 0],
+                          "reliable": True})
+    def colours(ax):
+        return {l.get_label(): to_hex(l.get_color()) for l in ax.get_lines() if not l.get_label().startswith("_")}
+    by_layer = colours(plots.plot_alpha_by_layer(tables))
+    moved = colours(plots.plot_delta_alpha(delta))
+    scatter = colours(plots.plot_alpha_vs_gap(summary[np.isfinite(summary["gen_gap"])]))
+    for run in ("dpo", "js"):
+        assert by_layer[run] == moved[run] == scatter[run]
+    assert by_layer["dpo"] != by_layer["js"] != by_layer["sft"]
+    plt.close("all")
+
+
 # ---- runs: `kdpo spectra RUN_DIR...` -----------------------------------------------------------
 
 def save_run(folder, model, gaps=()):
@@ -484,6 +501,15 @@ def test_findings_read_the_bands_and_the_gap_relation_from_the_summary():
     assert "at least half of the reference's layers are above 6" in text
     assert "Spearman -1.00 over 4 runs, negative" in text and "p = 0.08, not significant" in text
     assert "standard error up to 0.044" in text
+    assert "the run with the largest gap, `over` (+0.300), has 50% of its reliable layers in [2, 6], within the other runs' range of 50% to 75%." in text
+
+
+def test_findings_say_when_the_most_over_fit_run_sits_inside_the_healthy_band():
+    # the situation notebook 09 measured: over-training pulls every alpha to ~2.4, inside [2, 6]
+    alphas = {"sft": [3, 4.5, 7, 6.5], "dpo": [3, 4.4, 7.1, 5], "over": [2.3, 2.4, 2.5, 2.6]}
+    text = S.findings(fake_summary(alphas, {"sft": math.nan, "dpo": 0.0, "over": 0.25}))
+    assert ("`over` (+0.250), has 100% of its reliable layers in [2, 6], as many as or more than any other aligned "
+            "run: being inside the band did not rule out over-fitting here") in text
     healthy = S.findings(fake_summary({"sft": [3, 4.5], "dpo": [3.2, 5]}, {"sft": math.nan, "dpo": 0.1}))
     assert "every aligned run keeps all its reliable layers in [2, 6]" in healthy and "at least half" not in healthy
     assert "only 1 run(s) have both a reliable mean alpha and a gap" in healthy
