@@ -75,7 +75,19 @@ def main(argv=None):
     p = sub.add_parser("demo", help="the math on a toy batch: every kernel x divergence pair, table and plots")
     p.add_argument("--out", default="outputs/demo", help="output folder [%(default)s]")
 
-    p = sub.add_parser("spectra", help="HT-SR: weightwatcher layer alphas of runs, bands, plots")
+    p = sub.add_parser(
+        "spectra", help="HT-SR: weightwatcher layer alphas of runs, bands, plots",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Heavy-tailed self-regularisation: weightwatcher's power-law exponent alpha for every linear\n"
+                    "layer of the transformer blocks of each run (LoRA merged), compared with the first run.",
+        epilog="writes to --out: layers.csv, summary.csv (mean alpha, band fractions, delta alpha, gap, lr, passes),\n"
+               "delta_alpha.csv and the figures alpha_by_layer, delta_alpha, esd, alpha_vs_gap and\n"
+               "alpha_and_gap_by_setting (the last two need runs with a held-out evaluation).\n\n"
+               "reading it: a layer needs at least 384 eigenvalues (min(N, M) of its matrix) for alpha to mean\n"
+               "anything (notebook 09); smaller layers are flagged, drawn hollow and left out of every mean.\n"
+               "Put the runs' learning rates next to their alphas before reading alpha as over-fitting: in\n"
+               "notebook 09, alpha fell with the learning rate whether or not a run over-fitted.\n\n"
+               "example: kdpo spectra runs/sft runs/dpo runs/js --out runs/spectra")
     p.add_argument("runs", nargs="+", help="run folders (each with model/) or model folders")
     p.add_argument("--out", default="outputs/spectra", help="output folder [%(default)s]")
     p.add_argument("--baseline", default=None, help="run to compare against, by name or folder [the first run]")

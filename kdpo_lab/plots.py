@@ -250,6 +250,35 @@ def plot_alpha_by_layer(tables, ax=None, title="alpha by layer"):
     return ax
 
 
+def plot_alpha_and_gap_by_setting(summary, axes=None):
+    """The confound check of an HT-SR comparison, from analyse_runs' summary (columns lr, passes):
+    left, mean alpha against the learning rate (the size of the updates); right, the generalisation
+    gap against passes over the training pairs (repetition). One point per run with a gap, colour C of
+    its summary row as in plot_alpha_by_layer; a run without a reliable layer is hollow and grey at
+    the mean over its small layers. The dashed line is the baseline's mean alpha."""
+    import numpy as np
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    base = summary[summary["baseline"]] if "baseline" in summary else summary.iloc[:1]
+    for k, (row, r) in enumerate(summary.iterrows()):
+        if not np.isfinite(r["gen_gap"]):
+            continue
+        reliable = np.isfinite(r["mean_alpha"])
+        colour = f"C{(row if isinstance(row, (int, np.integer)) else k) % 10}" if reliable else "grey"
+        style = dict(color=colour) if reliable else dict(color="grey", mfc="none")
+        axes[0].plot([r["lr"]], [r["mean_alpha"] if reliable else r["mean_alpha_small"]], "o", ms=8, label=r["run"],
+                     **style)
+        axes[1].plot([r["passes"]], [r["gen_gap"]], "o", ms=8, **style)
+    if len(base) and np.isfinite(base["mean_alpha"].iloc[0]):
+        axes[0].axhline(base["mean_alpha"].iloc[0], color="grey", ls="--", lw=1, label=f"{base['run'].iloc[0]} (baseline)")
+    axes[0].set(xscale="log", xlabel="learning rate", ylabel=r"mean $\alpha$ (reliable layers)",
+                title=r"$\alpha$ against the size of the updates")
+    axes[1].set(xscale="log", xlabel="passes over the training pairs", ylabel="gap (train - held-out accuracy)",
+                title="the gap against repetition")
+    axes[0].legend(fontsize=7, ncol=2)
+    return axes
+
+
 def plot_esd(model, layer_name, ax=None, lora="merge"):
     """Empirical spectral density of W^T W for one block layer on log-log axes, with the power-law
     tail p(lambda) = (n_tail / n) (alpha - 1) / xmin (lambda / xmin)^(-alpha) for lambda >= xmin,

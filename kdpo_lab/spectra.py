@@ -531,7 +531,7 @@ def _reliability_rows(n, n_seeds, alphas, aspects, rng):
 
 # ---- runs: `kdpo spectra RUN_DIR...` ------------------------------------------------------------
 
-FIGURES = ("alpha_by_layer.png", "delta_alpha.png", "esd.png", "alpha_vs_gap.png")
+FIGURES = ("alpha_by_layer.png", "delta_alpha.png", "esd.png", "alpha_vs_gap.png", "alpha_and_gap_by_setting.png")
 
 
 def run_names(run_dirs):
@@ -571,6 +571,26 @@ def read_gap(run_dir):
     return out
 
 
+def read_settings(run_dir):
+    """The two training settings HT-SR comparisons get confounded by, from a run's OUT/config.yaml
+    (written by training.train and training.sft): {"lr", "passes"}, passes = pairs seen (max_steps x
+    batch_size x grad_accum) / training pairs used. NaNs without a config; passes counts against
+    max_train_pairs when the data can no longer be read."""
+    from kdpo_lab import training
+    path = os.fspath(run_dir)
+    for folder in (path, os.path.dirname(os.path.normpath(path))):
+        file = os.path.join(folder, "config.yaml")
+        if os.path.isfile(file):
+            cfg = training.TrainConfig.from_yaml(file)
+            try:
+                n_pairs = len(training.read_pairs(cfg, "train", cfg.max_train_pairs)[0])
+            except (OSError, ValueError):
+                n_pairs = cfg.max_train_pairs
+            seen = cfg.max_steps * cfg.batch_size * cfg.grad_accum
+            return {"lr": float(cfg.lr), "passes": seen / n_pairs if n_pairs else math.nan}
+    return {"lr": math.nan, "passes": math.nan}
+
+
 def esd_layer(table):
     """The layer whose ESD `analyse_runs` draws: the largest reliable layer (most eigenvalues, then
     the larger N; the first in model order on ties), else the largest layer."""
@@ -592,10 +612,12 @@ def analyse_runs(run_dirs, out_dir, baseline=None, *, names=None, min_evals=MIN_
     Writes to out_dir:
         layers.csv       layer_table of every run, long format (column `run` first)
         summary.csv      summarize(tables, gaps) + mean_delta_alpha (reliable layers, vs baseline) +
-                         train_accuracy, heldout_accuracy, eval_step (see read_gap)
+                         train_accuracy, heldout_accuracy, eval_step (see read_gap) + lr, passes
+                         (see read_settings)
         delta_alpha.csv  compare(tables, baseline): per-layer alpha - alpha_baseline (when >= 2 runs)
         alpha_by_layer.png, delta_alpha.png (>= 2 runs), esd.png (layer `esd_layer`, one panel per
-        run), alpha_vs_gap.png (when >= 2 runs have a gap)
+        run), alpha_vs_gap.png (when >= 2 runs have a gap), alpha_and_gap_by_setting.png (when >= 2
+        runs have a gap and a config.yaml: plots.plot_alpha_and_gap_by_setting)
     Emits one SmallMatrixWarning if any layer is below min_evals eigenvalues (or failed to fit); the
     printed summary gives mean alpha over reliable layers only, and says so when there is none.
     Returns the summary DataFrame.
@@ -632,6 +654,9 @@ def analyse_runs(run_dirs, out_dir, baseline=None, *, names=None, min_evals=MIN_
     summary["mean_delta_alpha"] = summary["run"].map(mean_delta).astype(float)
     for key in ("train_accuracy", "heldout_accuracy", "eval_step"):
         summary[key] = summary["run"].map({name: e[key] for name, e in evals.items()})
+    settings = {name: read_settings(path) for name, path in zip(names, run_dirs)}
+    for key in ("lr", "passes"):
+        summary[key] = summary["run"].map({name: st[key] for name, st in settings.items()})
     summary.insert(1, "baseline", summary["run"] == baseline)
     summary.to_csv(os.path.join(out_dir, "summary.csv"), index=False)
 
@@ -708,7 +733,8 @@ def format_summary(summary, layers, baseline, min_evals=MIN_RELIABLE_EVALS):
 
 
 def _figures(tables, paths, summary, delta, out_dir, lora):
-    """alpha_by_layer.png, delta_alpha.png, esd.png, alpha_vs_gap.png; returns the names written."""
+    """alpha_by_layer.png, delta_alpha.png, esd.png, alpha_vs_gap.png, alpha_and_gap_by_setting.png (the
+    last two need at least two runs with a gap; the last also their config.yaml); returns the names written."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
     from kdpo_lab import plots
@@ -745,6 +771,11 @@ def _figures(tables, paths, summary, delta, out_dir, lora):
         fig, ax = plt.subplots(figsize=(5.5, 4))
         plots.plot_alpha_vs_gap(summary[np.isfinite(summary["gen_gap"])], ax=ax)
         save(fig, "alpha_vs_gap.png")
+    known = summary[np.isfinite(summary["gen_gap"]) & np.isfinite(summary["lr"]) & np.isfinite(summary["passes"])]
+    if len(known) >= 2:  # runs trained by kdpo_lab (config.yaml): the confound check
+        fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+        plots.plot_alpha_and_gap_by_setting(summary[summary.index.isin(known.index) | summary["baseline"]], axes=axes)
+        save(fig, "alpha_and_gap_by_setting.png")
     return written
 
 

@@ -386,7 +386,8 @@ def test_spectra_command_writes_tables_and_figures_and_warns_once_about_small_ma
         assert cli.main(["spectra", *map(str, tiny_runs), "--out", str(out)]) == 0
     ours = [str(w.message) for w in caught if issubclass(w.category, S.SmallMatrixWarning)]
     assert len(ours) == 1 and "14 of 14 layers in each of 3 runs" in ours[0] and "(min(N, M) = 32)" in ours[0]
-    assert {p.name for p in out.iterdir()} == {"layers.csv", "summary.csv", "delta_alpha.csv", *S.FIGURES}
+    no_config = {"alpha_and_gap_by_setting.png"}  # these runs have no config.yaml: no lr, no passes
+    assert {p.name for p in out.iterdir()} == {"layers.csv", "summary.csv", "delta_alpha.csv", *S.FIGURES} - no_config
     layers = pd.read_csv(out / "layers.csv")
     for run in tiny_runs:  # the long table is each run's layer_table
         own = quiet_table(run)
@@ -458,6 +459,52 @@ def test_the_gap_is_read_from_a_run_or_from_its_model_folder(tiny_runs):
     assert S.read_gap(tiny_runs[1])["gen_gap"] == 0.1
     assert S.read_gap(tiny_runs[1] / "model")["train_accuracy"] == pytest.approx(0.7)
     assert all(math.isnan(v) for v in S.read_gap(tiny_runs[0]).values())
+
+
+def test_settings_are_the_learning_rate_and_the_passes_over_the_training_pairs(tiny_runs, tmp_path):
+    from kdpo_lab import data as kdata
+    from kdpo_lab.training import TrainConfig
+    run = tmp_path / "over"
+    run.mkdir()
+    TrainConfig(out_dir=str(run), data=str(kdata.SUITE_DIR), lr=2e-3, max_steps=800, batch_size=16,
+                max_train_pairs=256).save(run / "config.yaml")
+    assert S.read_settings(run) == {"lr": 2e-3, "passes": 800 * 16 / 256}
+    assert S.read_settings(run / "model")["passes"] == 50.0  # a model folder reads its run's config
+    TrainConfig(out_dir=str(run), data=str(tmp_path / "gone.jsonl"), max_steps=10, batch_size=4, grad_accum=2,
+                max_train_pairs=40).save(run / "config.yaml")
+    assert S.read_settings(run)["passes"] == 2.0  # data moved away: counted against max_train_pairs
+    assert all(math.isnan(v) for v in S.read_settings(tiny_runs[0]).values())  # no config.yaml
+
+
+def test_runs_trained_by_kdpo_lab_get_their_settings_in_the_summary_and_the_confound_figure(tiny_runs, tmp_path):
+    import shutil
+    from kdpo_lab.training import TrainConfig
+    runs = [shutil.copytree(run, tmp_path / run.name) for run in tiny_runs]
+    for run, lr in zip(runs, (1e-3, 1e-4, 2e-3)):
+        TrainConfig(out_dir=str(run), data=str(tmp_path / "moved.jsonl"), lr=lr, max_steps=100, batch_size=8,
+                    max_train_pairs=200).save(run / "config.yaml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", S.SmallMatrixWarning)
+        summary = S.analyse_runs(runs, tmp_path / "out", verbose=False).set_index("run")
+    assert summary["lr"].tolist() == [1e-3, 1e-4, 2e-3] and (summary["passes"] == 4.0).all()
+    assert (tmp_path / "out" / "alpha_and_gap_by_setting.png").exists()
+
+
+def test_the_confound_plot_draws_one_point_per_aligned_run_even_without_reliable_layers():
+    from matplotlib.colors import to_hex
+    tables = {"sft": fake_table([3.0], [True]), "dpo": fake_table([3.0], [True]), "over": fake_table([2.0], [True])}
+    summary = S.summarize(tables, gaps={"sft": math.nan, "dpo": 0.0, "over": 0.2})
+    summary.insert(1, "baseline", summary["run"] == "sft")
+    summary["lr"], summary["passes"] = [1e-3, 1e-4, 2e-3], [4.0, 0.8, 50.0]
+    left, right = plots.plot_alpha_and_gap_by_setting(summary)
+    points = [l for l in left.get_lines() if len(l.get_xdata()) == 1]
+    assert [(l.get_label(), l.get_xdata()[0]) for l in points] == [("dpo", 1e-4), ("over", 2e-3)]
+    assert to_hex(points[1].get_color()) == to_hex("C2")  # summary row 2, as in plot_alpha_by_layer
+    assert sorted(l.get_xdata()[0] for l in right.get_lines()) == [0.8, 50.0]
+    noisy = summary.assign(mean_alpha=math.nan, mean_alpha_small=3.0)  # fast mode: no reliable layer
+    left, _ = plots.plot_alpha_and_gap_by_setting(noisy)
+    assert all(l.get_markerfacecolor() == "none" for l in left.get_lines() if len(l.get_xdata()) == 1)
+    plt.close("all")
 
 
 # ---- the reading: exact p-values and findings ------------------------------------------------------
