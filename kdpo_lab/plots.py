@@ -221,6 +221,13 @@ def _shade_bands(ax, axis="y"):
         line(edge, color="grey", lw=0.6, ls=":", zorder=0)
 
 
+def _run_colour(row, position):
+    """Colour of a run in the HT-SR plots: C of its row number in analyse_runs' summary (row 0, the
+    baseline, is C0), so a run looks the same in every figure; the position when the index is not one."""
+    import numpy as np
+    return f"C{(row if isinstance(row, (int, np.integer)) else position) % 10}"
+
+
 def plot_alpha_by_layer(tables, ax=None, title="alpha by layer"):
     """alpha of every block layer, one line per run, layers in model order on the x-axis.
 
@@ -234,7 +241,7 @@ def plot_alpha_by_layer(tables, ax=None, title="alpha by layer"):
         x = list(range(len(table)))
         alpha = table["alpha"].to_numpy(dtype=float)
         ok = table["reliable"].to_numpy(dtype=bool)
-        colour = f"C{i % 10}"
+        colour = _run_colour(i, i)
         ax.plot(x, alpha, "-", lw=1, alpha=0.7, label=run, color=colour)
         ax.plot([i for i in x if ok[i]], alpha[ok], "o", ms=5, color=colour)
         ax.plot([i for i in x if not ok[i]], alpha[~ok], "o", ms=5, mfc="none", color=colour)
@@ -264,8 +271,7 @@ def plot_alpha_and_gap_by_setting(summary, axes=None):
         if not np.isfinite(r["gen_gap"]):
             continue
         reliable = np.isfinite(r["mean_alpha"])
-        colour = f"C{(row if isinstance(row, (int, np.integer)) else k) % 10}" if reliable else "grey"
-        style = dict(color=colour) if reliable else dict(color="grey", mfc="none")
+        style = dict(color=_run_colour(row, k)) if reliable else dict(color="grey", mfc="none")
         axes[0].plot([r["lr"]], [r["mean_alpha"] if reliable else r["mean_alpha_small"]], "o", ms=8, label=r["run"],
                      **style)
         axes[1].plot([r["passes"]], [r["gen_gap"]], "o", ms=8, **style)
@@ -322,7 +328,7 @@ def plot_alpha_vs_gap(summary, ax=None, title=r"mean $\alpha$ vs generalisation 
     ys = []
     for k, (row, r) in enumerate(summary.iterrows()):
         if np.isfinite(r["mean_alpha"]):
-            y, style = r["mean_alpha"], dict(color=f"C{(row if isinstance(row, (int, np.integer)) else k) % 10}")
+            y, style = r["mean_alpha"], dict(color=_run_colour(row, k))
         elif np.isfinite(r["mean_alpha_small"]):
             y, style = r["mean_alpha_small"], dict(color="grey", mfc="none")
         else:
@@ -467,7 +473,7 @@ def plot_delta_alpha(delta, ax=None, title=r"change of $\alpha$ against the base
         x = np.arange(len(d))
         y = d["delta_alpha"].to_numpy(dtype=float)
         ok = d["reliable"].to_numpy(dtype=bool)
-        colour = f"C{(i + 1) % 10}"
+        colour = _run_colour(i + 1, i + 1)
         ax.plot(x, y, "-", lw=1, alpha=0.7, label=run, color=colour)
         ax.plot(x[ok], y[ok], "o", ms=5, color=colour)
         ax.plot(x[~ok], y[~ok], "o", ms=5, mfc="none", color=colour)

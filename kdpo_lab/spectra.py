@@ -774,7 +774,7 @@ def _figures(tables, paths, summary, delta, out_dir, lora):
     known = summary[np.isfinite(summary["gen_gap"]) & np.isfinite(summary["lr"]) & np.isfinite(summary["passes"])]
     if len(known) >= 2:  # runs trained by kdpo_lab (config.yaml): the confound check
         fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
-        plots.plot_alpha_and_gap_by_setting(summary[summary.index.isin(known.index) | summary["baseline"]], axes=axes)
+        plots.plot_alpha_and_gap_by_setting(summary, axes=axes)
         save(fig, "alpha_and_gap_by_setting.png")
     return written
 
