@@ -113,7 +113,9 @@ def main(argv=None):
         from kdpo_lab import quickstart
         quickstart.math_demo(Path(args.out))
     elif args.command == "spectra":
+        import transformers
         from kdpo_lab import spectra
+        transformers.utils.logging.disable_progress_bar()  # one "Loading weights" bar per run says nothing here
         spectra.analyse_runs([Path(r) for r in args.runs], Path(args.out), baseline=args.baseline)
     return 0
 
