@@ -29,8 +29,8 @@ from types import SimpleNamespace
 
 import torch
 
-from kdpo_lab import data as kdata
-from kdpo_lab import divergences, kernels, models, training
+from kdpo_lab import batching, divergences, kernels, loading, models, suite, training
+from kdpo_lab.config import TrainConfig
 from kdpo_lab.losses import kernel_dpo_loss
 
 
@@ -172,7 +172,7 @@ MODEL = dict(model="tiny-llama", d_model=256, n_layers=4, n_heads=4, vocab_size=
 
 
 def step_config(out, steps, **loss):
-    return training.TrainConfig(out_dir=str(out), data=str(kdata.SUITE_DIR), max_train_pairs=256, max_eval_pairs=8,
+    return TrainConfig(out_dir=str(out), data=str(suite.SUITE_DIR), max_train_pairs=256, max_eval_pairs=8,
                                 batch_size=8, max_steps=steps, warmup_steps=1, log_every=1, save_every=10**6,
                                 eval_generate=0, progress=False, lr=5e-4, seed=0, **MODEL, **loss)
 
@@ -201,12 +201,12 @@ def bench_steps(steps, warmup, tmp, with_trl=True):
 
 def token_lengths(out):
     """Mean tokens per sequence (prompt + response) and mean padded width of 8-pair batches, our tokenisation."""
-    cfg = training.TrainConfig.from_yaml(out / "config.yaml")
+    cfg = TrainConfig.from_yaml(out / "config.yaml")
     tok = models.load_tokenizer(out / "model")
-    pairs, report = training.read_pairs(cfg, "train", cfg.max_train_pairs)
-    feats = training.encode(cfg, tok, pairs, report, "train")
+    pairs, report = loading.read_pairs(cfg, "train", cfg.max_train_pairs)
+    feats = loading.encode(cfg, tok, pairs, report, "train")
     seqs = [len(f["prompt_ids"]) + len(f[k]) for f in feats for k in ("chosen_ids", "rejected_ids")]
-    widths = [kdata.collate(feats[i:i + 8], tok.pad_token_id)["input_ids"].shape[1] for i in range(0, len(feats), 8)]
+    widths = [batching.collate(feats[i:i + 8], tok.pad_token_id)["input_ids"].shape[1] for i in range(0, len(feats), 8)]
     return f"{sum(seqs) / len(seqs):.1f} tokens per sequence, padded batch width {sum(widths) / len(widths):.1f}", tok, pairs
 
 
@@ -220,10 +220,10 @@ def trl_step(steps, warmup, tmp):
 
     datasets.disable_progress_bars()
     out = Path(tmp) / "DPO"
-    cfg = training.TrainConfig.from_yaml(out / "config.yaml")
+    cfg = TrainConfig.from_yaml(out / "config.yaml")
     tok = models.load_tokenizer(out / "model")
-    pairs, _ = training.read_pairs(cfg, "train", cfg.max_train_pairs)
-    dataset = datasets.Dataset.from_list([{"prompt": kdata.render_prompt(p, tok), "chosen": p.chosen,
+    pairs, _ = loading.read_pairs(cfg, "train", cfg.max_train_pairs)
+    dataset = datasets.Dataset.from_list([{"prompt": batching.render_prompt(p, tok), "chosen": p.chosen,
                                            "rejected": p.rejected} for p in pairs])
     model = models.build_model(models.tiny_config("llama", tokenizer=tok, d_model=MODEL["d_model"],
                                                   n_layers=MODEL["n_layers"], n_heads=MODEL["n_heads"],

@@ -1,6 +1,6 @@
 """The `kdpo` command: quickstart, generate-data, sft, train, eval, demo, spectra.
 
-Every training option is a field of `kdpo_lab.training.TrainConfig`; a YAML file in configs/ sets
+Every training option is a field of `kdpo_lab.config.TrainConfig`; a YAML file in configs/ sets
 them and `--field value` on the command line overrides the file. `kdpo train --help` lists them all.
 """
 import argparse
@@ -29,7 +29,7 @@ def _bool(text):
 
 
 def _add_config_args(parser):
-    from kdpo_lab.training import TrainConfig
+    from kdpo_lab.config import TrainConfig
     parser.add_argument("config", nargs="?", help="a YAML file of TrainConfig fields (see configs/)")
     group = parser.add_argument_group("options (each overrides the YAML file; default in brackets)")
     for f in dataclasses.fields(TrainConfig):
@@ -40,7 +40,7 @@ def _add_config_args(parser):
 
 
 def _config(args):
-    from kdpo_lab.training import TrainConfig
+    from kdpo_lab.config import TrainConfig
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name) is not None}
     return TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig(**overrides)
@@ -97,8 +97,8 @@ def main(argv=None):
         from kdpo_lab import quickstart
         quickstart.run(Path(args.out), fast=args.fast or None)
     elif args.command == "generate-data":
-        from kdpo_lab import data
-        data.generate_suite(args.out, n_train=args.n_train, seed=args.seed)
+        from kdpo_lab import suite
+        suite.generate_suite(args.out, n_train=args.n_train, seed=args.seed)
         print(f"wrote {args.out}")
     elif args.command in ("sft", "train"):
         from kdpo_lab import training
@@ -106,17 +106,17 @@ def main(argv=None):
         out = (training.sft if args.command == "sft" else training.train)(cfg)
         print(f"done: {out}")
     elif args.command == "eval":
-        from kdpo_lab import evaluation
-        result = evaluation.evaluate_run(Path(args.run), split=args.split, n_generate=args.n_generate)
+        from kdpo_lab import runs
+        result = runs.evaluate_run(Path(args.run), split=args.split, n_generate=args.n_generate)
         print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
     elif args.command == "demo":
         from kdpo_lab import quickstart
         quickstart.math_demo(Path(args.out))
     elif args.command == "spectra":
         import transformers
-        from kdpo_lab import spectra
+        from kdpo_lab import spectra_runs
         transformers.utils.logging.disable_progress_bar()  # one "Loading weights" bar per run says nothing here
-        spectra.analyse_runs([Path(r) for r in args.runs], Path(args.out), baseline=args.baseline)
+        spectra_runs.analyse_runs([Path(r) for r in args.runs], Path(args.out), baseline=args.baseline)
     return 0
 
 

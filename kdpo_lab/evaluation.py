@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import torch
 
-from kdpo_lab import data as kdata
+from kdpo_lab import batching, suite
 from kdpo_lab import models
 
 
@@ -21,7 +21,7 @@ def pair_logps(model, feats, pad_id, batch_size=32):
     device = next(model.parameters()).device
     ws, ls = [], []
     for i in range(0, len(feats), batch_size):
-        batch = {k: v.to(device) for k, v in kdata.collate(feats[i:i + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in batching.collate(feats[i:i + batch_size], pad_id).items()}
         w, l = models.sequence_logps(model, batch["input_ids"], batch["attention_mask"],
                                      batch["response_mask"])["logps"].float().chunk(2)
         ws.append(w.cpu())
@@ -100,8 +100,8 @@ def evaluate(model, ref_model, tokenizer, pairs, feats, beta, n_generate=0, seed
     pi_logp = sequence_logps_of(model, prompts, y_pi, pad_id)
     text_pi = tokenizer.batch_decode(y_pi, skip_special_tokens=True)
     text_ref = tokenizer.batch_decode(y_ref, skip_special_tokens=True)
-    r_pi = torch.tensor([kdata.reward(p, t) for p, t in zip(pairs, text_pi)])
-    r_ref = torch.tensor([kdata.reward(p, t) for p, t in zip(pairs, text_ref)])
+    r_pi = torch.tensor([suite.reward(p, t) for p, t in zip(pairs, text_pi)])
+    r_ref = torch.tensor([suite.reward(p, t) for p, t in zip(pairs, text_ref)])
     win = (r_pi > r_ref).float() + 0.5 * (r_pi == r_ref).float()
     result.update({"kl": (pi_logp - ref_logp).mean().item(), "reward/policy": r_pi.mean().item(),
                    "reward/reference": r_ref.mean().item(), "winrate": win.mean().item()})
@@ -120,35 +120,6 @@ def _by_family(pairs):
     for i, p in enumerate(pairs):
         groups[p.family or "all"].append(i)
     return dict(groups)
-
-
-def evaluate_run(run, split="test", n_generate=128):
-    """Evaluate a folder written by `training.train` on a data split; writes RUN/eval_SPLIT.json.
-
-    The reference is the run's starting model (`model` in its config.yaml); a LoRA run's reference is
-    its base with adapters disabled."""
-    import json
-    from pathlib import Path
-
-    from kdpo_lab.training import TrainConfig, encode, read_pairs
-
-    run = Path(run)
-    if not (run / "config.yaml").exists() or not (run / "model").exists():
-        raise ValueError(f"{run}: not a finished run (expected config.yaml and model/ written by `kdpo train`)")
-    cfg = TrainConfig.from_yaml(run / "config.yaml")
-    tokenizer = models.load_tokenizer(run / "model")
-    if (run / "model" / "adapter_config.json").exists():
-        from peft import PeftModel
-        model, ref_model = PeftModel.from_pretrained(models.load_model(cfg.model, dtype=cfg.dtype), run / "model"), None
-    else:
-        if cfg.model in ("tiny-llama", "tiny-gpt2", "llama-7b-shape"):
-            raise ValueError(f"{run}: trained from a random {cfg.model}; evaluate against a saved reference instead")
-        model, ref_model = models.load_model(run / "model", dtype=cfg.dtype), models.load_model(cfg.model, dtype=cfg.dtype)
-    pairs, report = read_pairs(cfg, split, cfg.max_eval_pairs)
-    feats = encode(cfg, tokenizer, pairs, report, split)
-    result = evaluate(model, ref_model, tokenizer, pairs, feats, beta=cfg.beta, n_generate=n_generate, seed=cfg.seed)
-    (run / f"eval_{split}.json").write_text(json.dumps(result, indent=1))
-    return result
 
 
 def memory_timeline(fn, *args, **kwargs):

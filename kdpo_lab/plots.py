@@ -285,16 +285,15 @@ def plot_alpha_and_gap_by_setting(summary, axes=None):
     return axes
 
 
-def plot_esd(model, layer_name, ax=None, lora="merge"):
+def plot_esd(lam, row, ax=None):
     """Empirical spectral density of W^T W for one block layer on log-log axes, with the power-law
-    tail p(lambda) = (n_tail / n) (alpha - 1) / xmin (lambda / xmin)^(-alpha) for lambda >= xmin,
-    where alpha and xmin are weightwatcher's fit (the eigenvalues themselves come from an SVD)."""
+    tail p(lambda) = (n_tail / n) (alpha - 1) / xmin (lambda / xmin)^(-alpha) for lambda >= xmin.
+    lam: the eigenvalues; row: the layer's row of spectra.layer_table (name, alpha, xmin, reliable,
+    n_evals), i.e. weightwatcher's fit. `spectra.esd_data(model_or_path, layer_name)` returns both."""
     import numpy as np
     from kdpo_lab import spectra
     ax = _ax(ax)
-    model = spectra.resolve_model(model, lora=lora)
-    row = spectra.layer_table(model, layers=[layer_name], warn=False).iloc[0]
-    lam = spectra.layer_esd(model, layer_name)
+    layer_name = row["name"]
     lam = lam[lam > 0]
     bins = np.logspace(np.log10(lam.min()), np.log10(lam.max()), min(60, max(10, len(lam) // 8)))
     ax.hist(lam, bins=bins, density=True, color="C0" if row["reliable"] else "grey", alpha=0.6,
@@ -348,7 +347,7 @@ def plot_alpha_vs_gap(summary, ax=None, title=r"mean $\alpha$ vs generalisation 
 
 
 def plot_alpha_reliability(table, ax=None, title=r"fitted $\alpha$ vs matrix size"):
-    """spectra.reliability_experiment: median and 5-95% range of the fitted alpha against the number
+    """spectra_reliability.reliability_experiment: median and 5-95% range of the fitted alpha against the number
     of eigenvalues n, per ensemble (Gaussian = no power law; planted = known alpha, dotted), with the
     threshold spectra.MIN_RELIABLE_EVALS as a vertical line."""
     import numpy as np

@@ -16,7 +16,8 @@ import matplotlib
 import pandas as pd
 
 from kdpo_lab import fast_mode, plots, selection
-from kdpo_lab.training import TrainConfig, sft, train
+from kdpo_lab.config import TrainConfig
+from kdpo_lab.training import sft, train
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

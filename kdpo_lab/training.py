@@ -14,98 +14,22 @@ A checkpoint (`OUT/checkpoint/`) holds model, optimiser, scheduler, kernel, RNG 
 position follows from the step, so `resume=True` continues exactly where a killed run stopped.
 Metrics go to `OUT/metrics.jsonl` (one JSON object per logged step, `pandas.read_json(lines=True)`).
 """
-import dataclasses
 import json
 import math
-import os
 import random
 import resource
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from kdpo_lab import data as kdata
-from kdpo_lab import divergences, evaluation, kernels, models
+from kdpo_lab import batching, divergences, evaluation, kernels, models
+from kdpo_lab.config import TrainConfig
+from kdpo_lab.loading import load_splits
 from kdpo_lab.losses import kernel_dpo_loss
-
-
-def _f(default, help):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a run. YAML files in configs/ set these; the command line overrides them."""
-    out_dir: str = _f("runs/dpo", "where the model, checkpoint, metrics.jsonl and config.yaml go")
-    # data
-    data: str = _f("data/suite", "a folder with train/validation files, one file (10% held out), or a hub dataset name")
-    families: str = _f("", "comma-separated suite families to keep (empty: all)")
-    max_train_pairs: int = _f(0, "use at most this many training pairs (0: all)")
-    max_eval_pairs: int = _f(256, "held-out pairs for evaluation during and after training")
-    max_length: int = _f(96, "prompt + response tokens; longer prompts are cut from the left")
-    max_prompt_length: int = _f(64, "prompt tokens kept at most")
-    strict: bool = _f(False, "stop at the first malformed data row instead of skipping and reporting it")
-    # model
-    model: str = _f("runs/sft", "policy start: a local path, a hub name, or tiny-llama / tiny-gpt2 / llama-7b-shape (built from a config)")
-    tokenizer: str = _f("", "tokenizer path (default: the model's; built from the data for config models)")
-    d_model: int = _f(128, "hidden size of config-built models")
-    n_layers: int = _f(4, "layers of config-built models")
-    n_heads: int = _f(4, "attention heads of config-built models")
-    model_scale: float = _f(1.0, "llama-7b-shape only: shrink width and depth by this factor (CPU fast mode)")
-    vocab_size: int = _f(1024, "BPE vocabulary built from the data for config models")
-    lora_r: int = _f(0, "LoRA rank (0: train all weights). With LoRA the reference is the base, adapters off")
-    lora_alpha: int = _f(16, "LoRA scaling alpha")
-    dtype: str = _f("fp32", "weights dtype: fp32 or bf16")
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
-    # loss
-    beta: float = _f(0.1, "strength of the KL constraint; z = beta * (s_w - s_l) + ...")
-    divergence: str = _f("kl", "kl, forward_kl, js, hellinger, renyi, bhattacharyya, wasserstein, alpha, chi2")
-    divergence_form: str = _f("auto", "link (f'(pi/pi_ref) replaces the log-ratio), penalty (DPO + lam * token D), auto")
-    lam: float = _f(0.1, "weight of the penalty form")
-    order: float = _f(0.5, "Renyi order a (renyi only)")
-    alpha: float = _f(0.5, "alpha of the alpha-divergence (alpha only; TRL's coef = 1 - alpha)")
-    kernel: str = _f("", "kernel for the hybrid term: linear, polynomial, rbf, spectral, mahalanobis, hmk (empty: none)")
-    gamma: float = _f(0.0, "weight of the kernel term gamma * (log K(e_x,e_w) - log K(e_x,e_l))")
-    eta: float = _f(0.0, "HMK entropy bonus against kernel collapse")
-    embeddings: str = _f("policy", "policy (own hidden states, with gradient) or encoder (frozen MiniLM: a fixed offset)")
-    loss_type: str = _f("sigmoid", "sigmoid (DPO), hinge, ipo, cdpo, robust")
-    label_smoothing: float = _f(0.0, "flip rate for cdpo / robust")
-    # optimisation
-    lr: float = _f(5e-5, "peak learning rate of the policy (tiny full fine-tuning: 5e-4 over-optimises, see README)")
-    kernel_lr: float = _f(1e-2, "learning rate of the kernel's parameters (HMK weights, bandwidths)")
-    batch_size: int = _f(16, "pairs per micro-batch per process")
-    grad_accum: int = _f(1, "micro-batches per optimisation step")
-    max_steps: int = _f(200, "optimisation steps")
-    warmup_steps: int = _f(10, "linear warm-up steps, then cosine decay to 10% of lr")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    max_grad_norm: float = _f(1.0, "gradient clipping")
-    seed: int = _f(0, "seeds data order, initialisation and sampling")
-    log_every: int = _f(10, "steps between metric lines")
-    eval_every: int = _f(0, "steps between held-out evaluations (0: only at the end)")
-    eval_generate: int = _f(0, "prompts to sample at each evaluation for reward, win-rate and KL (0: none)")
-    save_every: int = _f(50, "steps between checkpoints")
-    resume: bool = _f(False, "continue from OUT/checkpoint if it exists")
-    progress: bool = _f(True, "show a progress bar")
-
-    @classmethod
-    def from_yaml(cls, path, **overrides):
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
-        return cls(**{**values, **overrides})
-
-    def save(self, path):
-        Path(path).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
-
-
-CONFIG_MODELS = ("tiny-llama", "tiny-gpt2", "llama-7b-shape")
 
 
 def set_seed(seed):
@@ -118,74 +42,6 @@ def peak_memory_mb():
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-# ----------------------------------------------------------------------------- data and model
-
-def read_pairs(cfg, split, limit=0):
-    """Load one split as PreferencePairs (bad rows skipped and reported, or fatal with strict).
-
-    A folder holds one file per split (train.jsonl, validation.jsonl, ...). A single file is split here:
-    a seeded 10% (at most max_eval_pairs) is held out as "validation" (also used for "test")."""
-    if Path(cfg.data).is_file():
-        pairs, report = kdata.load_pairs(cfg.data, strict=cfg.strict)
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        n_held = max(1, min(cfg.max_eval_pairs, len(pairs) // 10))
-        rows = order[n_held:] if split == "train" else order[:n_held]
-        pairs = [pairs[i] for i in sorted(rows)][:limit or None]
-    else:
-        pairs, report = kdata.load_pairs(cfg.data, split=split, strict=cfg.strict, limit=limit or None)
-    if cfg.families:
-        keep = set(cfg.families.split(","))
-        pairs = [p for p in pairs if p.family in keep]
-    return pairs, report
-
-
-def encode(cfg, tokenizer, pairs, report, split):
-    """Tokenise pairs; print the data report when anything was skipped or truncated."""
-    features = kdata.encode_pairs(pairs, tokenizer, max_length=cfg.max_length,
-                                  max_prompt_length=cfg.max_prompt_length, report=report)
-    if report.problems or report.n_prompt_truncated:
-        print(report.summary())
-    if not features:
-        raise ValueError(f"{cfg.data} ({split}): no usable preference pairs")
-    if len(features) != len(pairs):
-        raise ValueError(f"{cfg.data} ({split}): encode_pairs kept {len(features)} of {len(pairs)} pairs")
-    return features
-
-
-def load_splits(cfg):
-    """(model, tokenizer, train pairs and features, validation pairs and features)."""
-    train_pairs, train_report = read_pairs(cfg, "train", cfg.max_train_pairs)
-    eval_pairs, eval_report = read_pairs(cfg, "validation", cfg.max_eval_pairs)
-    model, tokenizer = build_or_load(cfg, kdata.sft_texts(train_pairs))
-    train_feats = encode(cfg, tokenizer, train_pairs, train_report, "train")
-    eval_feats = encode(cfg, tokenizer, eval_pairs, eval_report, "validation")
-    return model, tokenizer, train_pairs, train_feats, eval_pairs, eval_feats
-
-
-def build_or_load(cfg, train_texts=None):
-    """Return (model, tokenizer) for cfg.model: built from a config, or loaded from a path / hub name."""
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
-    if cfg.model in CONFIG_MODELS:
-        if cfg.tokenizer:
-            tokenizer = models.load_tokenizer(cfg.tokenizer)
-        else:
-            tokenizer = models.build_tokenizer(train_texts, vocab_size=cfg.vocab_size)
-        if cfg.model == "llama-7b-shape":
-            config = models.llama_7b_config(scale=cfg.model_scale, vocab_size=len(tokenizer))
-        else:
-            config = models.tiny_config(cfg.model.split("-")[1], vocab_size=len(tokenizer), d_model=cfg.d_model,
-                                        n_layers=cfg.n_layers, n_heads=cfg.n_heads, max_len=cfg.max_length + 32)
-        model = models.build_model(config, seed=cfg.seed, dtype=dtype)
-    else:
-        tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.model)
-        model = models.load_model(cfg.model, dtype=cfg.dtype)
-    if cfg.gradient_checkpointing:
-        models.enable_gradient_checkpointing(model, lora=cfg.lora_r > 0)
-    if cfg.lora_r:
-        model = models.apply_lora(model, models.LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
-    return model, tokenizer
 
 
 def _divergence(cfg):
@@ -249,7 +105,7 @@ def _start(cfg):
 
 def _batch(feats, idx, pad_id, device):
     """The collated [chosen; rejected] batch of pairs `idx`, on `device`."""
-    return {k: v.to(device) for k, v in kdata.collate([feats[i] for i in idx], pad_id).items()}
+    return {k: v.to(device) for k, v in batching.collate([feats[i] for i in idx], pad_id).items()}
 
 
 def _save_model(accelerator, model, tokenizer, out, merge=False):

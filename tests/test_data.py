@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdpo_lab import data as D
-from kdpo_lab.data import DataError, PreferencePair
+from kdpo_lab import batching, formats, suite
+from kdpo_lab.pairs import SPLITS, DataError, DataReport, PreferencePair
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "data" / "suite"
@@ -49,62 +49,62 @@ GOOD = {"prompt": "Where does Ana live?", "chosen": "Ana lives in Tarn.", "rejec
 # ----------------------------------------------------------------------------------------------
 # The shipped suite
 
-@pytest.mark.parametrize("split", D.SPLITS)
+@pytest.mark.parametrize("split", SPLITS)
 def test_every_shipped_row_is_valid_and_its_chosen_response_earns_more_reward(split):
-    pairs, report = D.load_pairs(SUITE, split=split, strict=True)
+    pairs, report = formats.load_pairs(SUITE, split=split, strict=True)
     assert report.n_read == report.n_ok == len(pairs) == 4 * SIZES[split]
-    assert {f: sum(p.family == f for p in pairs) for f in D.FAMILIES} == {f: SIZES[split] for f in D.FAMILIES}
+    assert {f: sum(p.family == f for p in pairs) for f in suite.FAMILIES} == {f: SIZES[split] for f in suite.FAMILIES}
     for p in pairs:
-        assert D.reward(p, p.chosen) == 1.0 and D.reward(p, p.rejected) == 0.0, p
+        assert suite.reward(p, p.chosen) == 1.0 and suite.reward(p, p.rejected) == 0.0, p
         assert len(p.prompt.split()) <= 24
         assert max(len(p.chosen.split()), len(p.rejected.split())) <= 16
 
 
 def test_shipped_files_are_exactly_what_the_generator_writes(tmp_path):
-    paths = D.generate_suite(tmp_path, seed=0)
+    paths = suite.generate_suite(tmp_path, seed=0)
     for name, path in paths.items():
         assert path.read_bytes() == (SUITE / path.name).read_bytes(), name
 
 
 def test_the_generator_is_deterministic_for_a_seed_and_changes_with_it(tmp_path):
-    a = D.generate_suite(tmp_path / "a", n_train=20, n_val=5, n_test=5, seed=3)
-    b = D.generate_suite(tmp_path / "b", n_train=20, n_val=5, n_test=5, seed=3)
-    c = D.generate_suite(tmp_path / "c", n_train=20, n_val=5, n_test=5, seed=4)
+    a = suite.generate_suite(tmp_path / "a", n_train=20, n_val=5, n_test=5, seed=3)
+    b = suite.generate_suite(tmp_path / "b", n_train=20, n_val=5, n_test=5, seed=3)
+    c = suite.generate_suite(tmp_path / "c", n_train=20, n_val=5, n_test=5, seed=4)
     assert all(a[k].read_bytes() == b[k].read_bytes() for k in a)
     assert a["train"].read_bytes() != c["train"].read_bytes()
     assert len(a["train"].read_text().splitlines()) == 4 * 20
 
 
 def test_reasoning_test_prompts_never_occur_in_train():
-    suite = D.make_suite(n_train=300, n_val=50, n_test=50, seed=1, families=("reasoning",))
-    train = {p.prompt for p in suite["train"]}
-    assert not any(p.prompt in train for p in suite["validation"] + suite["test"])
+    splits = suite.make_suite(n_train=300, n_val=50, n_test=50, seed=1, families=("reasoning",))
+    train = {p.prompt for p in splits["train"]}
+    assert not any(p.prompt in train for p in splits["validation"] + splits["test"])
 
 
 def test_always_refusing_earns_only_the_harmful_share_of_safety_reward():
-    pairs = [p for p in D.make_suite(400, 0, 0, seed=0)["train"] if p.family == "safety"]
-    refuse = sum(D.reward(p, "I can't help with that.") for p in pairs) / len(pairs)
+    pairs = [p for p in suite.make_suite(400, 0, 0, seed=0)["train"] if p.family == "safety"]
+    refuse = sum(suite.reward(p, "I can't help with that.") for p in pairs) / len(pairs)
     harmful = sum(p.meta["harmful"] for p in pairs) / len(pairs)
     assert refuse == harmful and 0.4 < harmful < 0.6
 
 
 def test_benign_keywords_belong_to_their_own_request_only():
-    for action, (_, _, keywords) in D._BENIGN.items():
-        others = [s for a, (s1, s2, _) in D._BENIGN.items() if a != action for s in (s1, s2)]
-        for text in others + D._REFUSALS + D._HARMFUL_STEPS:
-            assert not any(D._has_word(text, k) for k in keywords), (action, text)
+    for action, (_, _, keywords) in suite._BENIGN.items():
+        others = [s for a, (s1, s2, _) in suite._BENIGN.items() if a != action for s in (s1, s2)]
+        for text in others + suite._REFUSALS + suite._HARMFUL_STEPS:
+            assert not any(suite._has_word(text, k) for k in keywords), (action, text)
 
 
 def test_world_names_never_collide_with_attribute_values():
-    world = D.make_world(seed=0)
-    values = {v.lower() for vs in D.ATTRIBUTES.values() for v in vs}
+    world = suite.make_world(seed=0)
+    values = {v.lower() for vs in suite.ATTRIBUTES.values() for v in vs}
     assert len(world) == 40 and not {n.lower() for n in world} & values
 
 
 # ----------------------------------------------------------------------------------------------
 # Rewards on hand-written text
 
-FACT = {"family": "factuality", "meta": {"answer": "red", "options": D.ATTRIBUTES["color"]}}
+FACT = {"family": "factuality", "meta": {"answer": "red", "options": suite.ATTRIBUTES["color"]}}
 HARM = {"family": "safety", "meta": {"harmful": True, "keywords": []}}
 BENIGN = {"family": "safety", "meta": {"harmful": False, "keywords": ["flour", "dough"]}}
 MATH = {"family": "reasoning", "meta": {"answer": 13}}
@@ -149,16 +149,16 @@ def _instr(kind, value=None):
     (_instr("include", "crisp"), "", 0.0),
 ])
 def test_rewards_score_hand_written_responses(record, text, expected):
-    assert D.reward(record, text) == expected
+    assert suite.reward(record, text) == expected
 
 
 def test_reward_rejects_unknown_families_and_non_text():
     with pytest.raises(ValueError, match="family"):
-        D.reward({"family": "poetry", "meta": {}}, "x")
+        suite.reward({"family": "poetry", "meta": {}}, "x")
     with pytest.raises(ValueError, match="string"):
-        D.reward(FACT, None)
+        suite.reward(FACT, None)
     with pytest.raises(ValueError, match="constraint"):
-        D.reward(_instr("rhyme"), "x")
+        suite.reward(_instr("rhyme"), "x")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_plain_text_rows_load_identically_from_jsonl_json_csv_and_parquet(tmp_pa
     pd.DataFrame(rows).to_csv(tmp_path / "c.csv", index=False)
     pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
     for name in ("a.jsonl", "b.json", "c.csv", "d.parquet"):
-        pairs, report = D.load_pairs(tmp_path / name, strict=True)
+        pairs, report = formats.load_pairs(tmp_path / name, strict=True)
         assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [tuple(r.values()) for r in rows]
         assert report.n_ok == 2 and pairs[1].source == f"{tmp_path / name}:{3 if name == 'c.csv' else 2}"
 
@@ -181,11 +181,11 @@ def test_plain_text_rows_load_identically_from_jsonl_json_csv_and_parquet(tmp_pa
 def test_hh_rlhf_transcripts_split_at_the_last_assistant_turn(tmp_path):
     prefix = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Where does Ana live?\n\nAssistant:"
     _jsonl(tmp_path / "hh.jsonl", [{"chosen": prefix + " In Tarn.", "rejected": prefix + " In Osk."}])
-    (p,), _ = D.load_pairs(tmp_path / "hh.jsonl", strict=True)
+    (p,), _ = formats.load_pairs(tmp_path / "hh.jsonl", strict=True)
     assert (p.chosen, p.rejected) == ("In Tarn.", "In Osk.")
     assert p.prompt_messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                                  {"role": "user", "content": "Where does Ana live?"}]
-    assert D.render_prompt(p) == "User:\nHi\nAssistant:\nHello!\nUser:\nWhere does Ana live?\nAssistant:\n"
+    assert batching.render_prompt(p) == "User:\nHi\nAssistant:\nHello!\nUser:\nWhere does Ana live?\nAssistant:\n"
 
 
 def test_ultrafeedback_style_message_lists_keep_the_prompt_as_messages(tmp_path):
@@ -194,7 +194,7 @@ def test_ultrafeedback_style_message_lists_keep_the_prompt_as_messages(tmp_path)
              "rejected": [user, {"role": "assistant", "content": "In Osk."}], "score_chosen": 9.0},
             {"prompt": [user], "chosen": [{"role": "assistant", "content": "In Tarn."}],   # TRL conversational
              "rejected": [{"role": "assistant", "content": "In Osk."}]}]
-    pairs, _ = D.load_pairs(_jsonl(tmp_path / "uf.jsonl", rows), strict=True)
+    pairs, _ = formats.load_pairs(_jsonl(tmp_path / "uf.jsonl", rows), strict=True)
     for p in pairs:
         assert (p.prompt, p.chosen, p.rejected, p.prompt_messages) == ("Where does Ana live?", "In Tarn.",
                                                                         "In Osk.", [user])
@@ -205,7 +205,7 @@ def test_sharegpt_conversations_with_chosen_and_rejected_turns_load(tmp_path):
              "chosen": {"from": "gpt", "value": "In Tarn."}, "rejected": {"from": "gpt", "value": "In Osk."}},
             {"system": "Be brief.", "conversations": [{"from": "human", "value": "Where does Ana live?"}],
              "chosen": "In Tarn.", "rejected": "In Osk."}]
-    (a, b), _ = D.load_pairs(_jsonl(tmp_path / "sg.jsonl", rows), strict=True)
+    (a, b), _ = formats.load_pairs(_jsonl(tmp_path / "sg.jsonl", rows), strict=True)
     assert (a.prompt, a.chosen, a.rejected) == ("Where does Ana live?", "In Tarn.", "In Osk.")
     assert b.prompt_messages[0] == {"role": "system", "content": "Be brief."}
 
@@ -213,15 +213,15 @@ def test_sharegpt_conversations_with_chosen_and_rejected_turns_load(tmp_path):
 def test_a_directory_loads_the_requested_split_and_limit_stops_early(tmp_path):
     _jsonl(tmp_path / "train.jsonl", [GOOD] * 5)
     _jsonl(tmp_path / "test.jsonl", [GOOD] * 2)
-    assert len(D.load_pairs(tmp_path, split="test")[0]) == 2
-    assert len(D.load_pairs(tmp_path, split="train", limit=3)[0]) == 3
+    assert len(formats.load_pairs(tmp_path, split="test")[0]) == 2
+    assert len(formats.load_pairs(tmp_path, split="train", limit=3)[0]) == 3
     with pytest.raises(DataError, match="pass split="):
-        D.load_pairs(tmp_path)
+        formats.load_pairs(tmp_path)
 
 
 def test_suite_rows_keep_family_and_meta():
-    (p,), _ = D.load_suite("test", limit=1)
-    assert p.family in D.FAMILIES and p.meta and p.source.endswith("test.jsonl:1")
+    (p,), _ = suite.load_suite("test", limit=1)
+    assert p.family in suite.FAMILIES and p.meta and p.source.endswith("test.jsonl:1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,14 +244,14 @@ def test_a_bad_row_raises_under_strict_naming_file_row_and_field(tmp_path, row, 
     path = _jsonl(tmp_path / "x.jsonl", [GOOD, b"", row])   # the blank line still counts as line 2
     where = f"{path} row 3" + (f", field '{field}'" if field else "")
     with pytest.raises(DataError, match=None) as err:
-        D.load_pairs(path, strict=True)
+        formats.load_pairs(path, strict=True)
     assert str(err.value).startswith(where) and message in str(err.value)
 
 
 @pytest.mark.parametrize("row, field, message", BAD_ROWS)
 def test_a_bad_row_is_skipped_and_reported_without_strict(tmp_path, row, field, message):
     path = _jsonl(tmp_path / "x.jsonl", [GOOD, b"", row, GOOD])
-    pairs, report = D.load_pairs(path)
+    pairs, report = formats.load_pairs(path)
     assert len(pairs) == 2 and (report.n_read, report.n_ok) == (3, 2)
     (problem,) = report.problems
     assert (problem.file, problem.row, problem.field) == (str(path), 3, field) and message in problem.message
@@ -267,20 +267,20 @@ def test_a_bad_row_is_skipped_and_reported_without_strict(tmp_path, row, field, 
 ])
 def test_conversational_problems_name_the_nested_field(tmp_path, row, field):
     with pytest.raises(DataError, match=rf"row 1, field '{field}'".replace("[", r"\[").replace("]", r"\]")):
-        D.load_pairs(_jsonl(tmp_path / "x.jsonl", [row]), strict=True)
+        formats.load_pairs(_jsonl(tmp_path / "x.jsonl", [row]), strict=True)
 
 
 def test_an_unknown_format_lists_the_keys_found_and_the_formats_accepted(tmp_path):
     with pytest.raises(DataError, match=r"row 1: unknown format; found keys \['answer', 'question'\]; "
                                         r"accepted formats: text"):
-        D.load_pairs(_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}]))
+        formats.load_pairs(_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}]))
 
 
 def test_a_source_without_valid_rows_or_a_missing_path_is_an_error(tmp_path):
     with pytest.raises(DataError, match="no valid rows"):
-        D.load_pairs(_jsonl(tmp_path / "x.jsonl", [BAD_ROWS[1][0], BAD_ROWS[2][0]]))
+        formats.load_pairs(_jsonl(tmp_path / "x.jsonl", [BAD_ROWS[1][0], BAD_ROWS[2][0]]))
     with pytest.raises(DataError, match="no such file"):
-        D.load_pairs(tmp_path / "missing.jsonl")   # a local-looking path never reaches the hub
+        formats.load_pairs(tmp_path / "missing.jsonl")   # a local-looking path never reaches the hub
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,16 +290,16 @@ def test_the_chat_template_is_applied_when_the_tokenizer_has_one():
     tok = _tokenizer("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
                      "{% if add_generation_prompt %}<assistant>{% endif %}")
     pair = PreferencePair("Where does Ana live?", "Tarn", "Osk")
-    assert D.render_prompt(pair, tok) == "<user>Where does Ana live?<assistant>"
-    assert D.render_prompt(pair) == "User:\nWhere does Ana live?\nAssistant:\n"
-    assert D.sft_texts([pair], tok) == ["<user>Where does Ana live?<assistant>Tarn",
+    assert batching.render_prompt(pair, tok) == "<user>Where does Ana live?<assistant>"
+    assert batching.render_prompt(pair) == "User:\nWhere does Ana live?\nAssistant:\n"
+    assert batching.sft_texts([pair], tok) == ["<user>Where does Ana live?<assistant>Tarn",
                                         "<user>Where does Ana live?<assistant>Osk"]
 
 
 def test_encoded_pairs_are_prompt_tokens_then_response_tokens_ending_with_eos(tokenizer):
     pair = PreferencePair("Where does Ana live?", "Ana lives in Tarn.", "Ana lives in Osk.")
-    (f,) = D.encode_pairs([pair], tokenizer, max_length=256)
-    assert f["prompt_ids"] == tokenizer(D.render_prompt(pair))["input_ids"] and f["prompt_ids"][0] == 1
+    (f,) = batching.encode_pairs([pair], tokenizer, max_length=256)
+    assert f["prompt_ids"] == tokenizer(batching.render_prompt(pair))["input_ids"] and f["prompt_ids"][0] == 1
     assert f["chosen_ids"] == tokenizer("Ana lives in Tarn.", add_special_tokens=False)["input_ids"] + [2]
     assert tokenizer.decode(f["prompt_ids"] + f["chosen_ids"]) == \
         "<bos>User:\nWhere does Ana live?\nAssistant:\nAna lives in Tarn.<eos>"
@@ -308,33 +308,33 @@ def test_encoded_pairs_are_prompt_tokens_then_response_tokens_ending_with_eos(to
 def test_long_prompts_are_truncated_from_the_left_keeping_bos_and_are_counted(tokenizer):
     pairs = [PreferencePair("word " * 40 + "Where does Ana live?", "Tarn.", "Osk."),
              PreferencePair("Hi?", "Tarn.", "Osk.")]
-    full = D.encode_pairs(pairs, tokenizer, max_length=512)
-    report = D.DataReport()
-    cut = D.encode_pairs(pairs, tokenizer, max_length=24, report=report)
+    full = batching.encode_pairs(pairs, tokenizer, max_length=512)
+    report = DataReport()
+    cut = batching.encode_pairs(pairs, tokenizer, max_length=24, report=report)
     x, L = cut[0]["prompt_ids"], max(len(cut[0]["chosen_ids"]), len(cut[0]["rejected_ids"]))
     assert len(x) + L == 24 and x[0] == 1 and x[1:] == full[0]["prompt_ids"][-(len(x) - 1):]
     assert cut[1] == full[1] and report.n_prompt_truncated == 1 and not report.problems
-    right = D.encode_pairs(pairs, tokenizer, max_length=24, truncation="right")
+    right = batching.encode_pairs(pairs, tokenizer, max_length=24, truncation="right")
     assert right[0]["prompt_ids"] == full[0]["prompt_ids"][:len(x)]
-    capped = D.encode_pairs(pairs, tokenizer, max_length=512, max_prompt_length=5)
+    capped = batching.encode_pairs(pairs, tokenizer, max_length=512, max_prompt_length=5)
     assert capped[0]["prompt_ids"] == [1] + full[0]["prompt_ids"][-4:]
 
 
 def test_a_response_longer_than_max_length_is_cut_and_reported_or_fatal_under_strict(tokenizer):
     pair = PreferencePair("Hi?", "Ana lives in Tarn. " * 10, "Osk.", source="f.jsonl:7")
-    report = D.DataReport()
-    (f,) = D.encode_pairs([pair], tokenizer, max_length=16, report=report)
+    report = DataReport()
+    (f,) = batching.encode_pairs([pair], tokenizer, max_length=16, report=report)
     assert len(f["prompt_ids"]) + len(f["chosen_ids"]) == 16 and len(f["prompt_ids"]) == 8
     assert report.n_response_truncated == 1
     assert str(report.problems[0]).startswith("f.jsonl row 7, field 'chosen': response of")
     with pytest.raises(DataError, match="f.jsonl row 7, field 'chosen'"):
-        D.encode_pairs([pair], tokenizer, max_length=16, strict=True)
+        batching.encode_pairs([pair], tokenizer, max_length=16, strict=True)
 
 
 def test_collate_puts_chosen_rows_first_and_masks_the_predicted_response_tokens():
     features = [{"prompt_ids": [7, 8], "chosen_ids": [3, 4, 2], "rejected_ids": [5, 2]},
                 {"prompt_ids": [9], "chosen_ids": [6, 2], "rejected_ids": [3, 3, 3, 2]}]
-    b = D.collate(features, pad_id=0)
+    b = batching.collate(features, pad_id=0)
     assert b["input_ids"].tolist() == [[7, 8, 3, 4, 2], [9, 6, 2, 0, 0], [7, 8, 5, 2, 0], [9, 3, 3, 3, 2]]
     assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     assert b["prompt_mask"].tolist() == [[1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
@@ -350,7 +350,7 @@ def test_masked_log_probs_match_transformers_own_shifted_loss(tokenizer):
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(config).eval()
     pairs = [PreferencePair("Where does Ana live?", "Ana lives in Tarn.", "Osk.")]
-    b = D.collate(D.encode_pairs(pairs, tokenizer, max_length=64), tokenizer.pad_token_id)
+    b = batching.collate(batching.encode_pairs(pairs, tokenizer, max_length=64), tokenizer.pad_token_id)
     with torch.no_grad():
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         for i in range(2):
@@ -365,8 +365,8 @@ def test_masked_log_probs_match_transformers_own_shifted_loss(tokenizer):
 def test_bad_tokenisation_arguments_raise_value_errors(tokenizer):
     pair = [PreferencePair("p", "a", "b")]
     with pytest.raises(ValueError, match="truncation"):
-        D.encode_pairs(pair, tokenizer, truncation="middle")
+        batching.encode_pairs(pair, tokenizer, truncation="middle")
     with pytest.raises(ValueError, match="max_length"):
-        D.encode_pairs(pair, tokenizer, max_length=1)
+        batching.encode_pairs(pair, tokenizer, max_length=1)
     with pytest.raises(ValueError, match="pad_id"):
-        D.collate(D.encode_pairs(pair, tokenizer), pad_id=None)
+        batching.collate(batching.encode_pairs(pair, tokenizer), pad_id=None)

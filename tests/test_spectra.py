@@ -23,6 +23,7 @@ from kdpo_lab import cli
 from kdpo_lab import models as M
 from kdpo_lab import plots
 from kdpo_lab import spectra as S
+from kdpo_lab import spectra_reliability, spectra_runs
 
 METRICS = ["alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "D", "xmin"]
 # With CUDA present weightwatcher casts weights to fp16 before its SVD, so its eigenvalues agree with
@@ -194,7 +195,7 @@ def test_weightwatcher_import_leaves_no_trace_and_writes_no_images(tmp_path):
 
 
 def test_reliability_experiment_shows_noise_at_small_n_and_recovery_at_large_n():
-    table = S.reliability_experiment(sizes=(16, 384), n_seeds=12, alphas=(3.0,), aspects=(1,))
+    table = spectra_reliability.reliability_experiment(sizes=(16, 384), n_seeds=12, alphas=(3.0,), aspects=(1,))
     g = table.set_index(["ensemble", "n"])
     planted, noise = "planted alpha=3", "Gaussian Q=1"
     assert g.loc[(planted, 384), "recovered"] >= 0.9
@@ -326,7 +327,7 @@ def test_plots_draw_and_mark_unreliable_layers(gqa_llama, gqa_table):
     ax = plots.plot_alpha_by_layer(tables)
     hollow = [line for line in ax.get_lines() if line.get_markerfacecolor() == "none" and len(line.get_xdata())]
     assert len(hollow) == 2 and all(len(line.get_xdata()) == 4 for line in hollow)
-    ax = plots.plot_esd(gqa_llama, "model.layers.0.mlp.up_proj")
+    ax = plots.plot_esd(*S.esd_data(gqa_llama, "model.layers.0.mlp.up_proj"))
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
     assert any("power law" in t.get_text() for t in ax.get_legend().get_texts())
     summary = S.summarize({**tables, "tiny": fake_table([3.0], [False])}, gaps={"a": 0.1, "b": 0.2, "tiny": 0.3})
@@ -387,7 +388,7 @@ def test_spectra_command_writes_tables_and_figures_and_warns_once_about_small_ma
     ours = [str(w.message) for w in caught if issubclass(w.category, S.SmallMatrixWarning)]
     assert len(ours) == 1 and "14 of 14 layers in each of 3 runs" in ours[0] and "(min(N, M) = 32)" in ours[0]
     no_config = {"alpha_and_gap_by_setting.png"}  # these runs have no config.yaml: no lr, no passes
-    assert {p.name for p in out.iterdir()} == {"layers.csv", "summary.csv", "delta_alpha.csv", *S.FIGURES} - no_config
+    assert {p.name for p in out.iterdir()} == {"layers.csv", "summary.csv", "delta_alpha.csv", *spectra_runs.FIGURES} - no_config
     layers = pd.read_csv(out / "layers.csv")
     for run in tiny_runs:  # the long table is each run's layer_table
         own = quiet_table(run)
@@ -413,7 +414,7 @@ def test_mean_alpha_and_its_change_count_reliable_layers_only(tmp_path, capsys):
     b = save_run(tmp_path / "other", llama(seed=1, layers=1, kv_heads=1), gaps=[(1, 0.2)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        summary = S.analyse_runs([a, b], tmp_path / "out").set_index("run")
+        summary = spectra_runs.analyse_runs([a, b], tmp_path / "out").set_index("run")
     assert ["2 of 7 layers in each of 2 runs" in str(w.message) for w in caught
             if issubclass(w.category, S.SmallMatrixWarning)] == [True]
     ta, tb = quiet_table(a), quiet_table(b)
@@ -429,63 +430,63 @@ def test_mean_alpha_and_its_change_count_reliable_layers_only(tmp_path, capsys):
 
 
 def test_the_esd_layer_is_the_largest_reliable_one_else_the_largest(gqa_table):
-    assert S.esd_layer(gqa_table) == "model.layers.0.mlp.gate_proj"  # 768 x 384, before up/down in model order
+    assert spectra_runs.esd_layer(gqa_table) == "model.layers.0.mlp.gate_proj"  # 768 x 384, before up/down in model order
     noisy = gqa_table.assign(reliable=False)
-    assert S.esd_layer(noisy) == "model.layers.0.mlp.gate_proj"
+    assert spectra_runs.esd_layer(noisy) == "model.layers.0.mlp.gate_proj"
     only_k = gqa_table.assign(reliable=gqa_table["module"] == "k_proj")
-    assert S.esd_layer(only_k) == "model.layers.0.self_attn.k_proj"
+    assert spectra_runs.esd_layer(only_k) == "model.layers.0.self_attn.k_proj"
 
 
 def test_baseline_is_the_first_run_unless_named_by_name_or_folder(tiny_runs, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", S.SmallMatrixWarning)
         for baseline, expected in ((None, "sft"), ("dpo", "dpo"), (tiny_runs[2], "dpo_high_lr")):
-            summary = S.analyse_runs(tiny_runs, tmp_path / str(expected), baseline=baseline, verbose=False)
+            summary = spectra_runs.analyse_runs(tiny_runs, tmp_path / str(expected), baseline=baseline, verbose=False)
             assert summary.loc[summary["baseline"], "run"].tolist() == [expected]
             assert expected not in set(pd.read_csv(tmp_path / str(expected) / "delta_alpha.csv")["run"])
         with pytest.raises(ValueError, match="baseline"):
-            S.analyse_runs(tiny_runs, tmp_path / "bad", baseline="ref", verbose=False)
+            spectra_runs.analyse_runs(tiny_runs, tmp_path / "bad", baseline="ref", verbose=False)
     with pytest.raises(ValueError):
-        S.analyse_runs([], tmp_path / "none")
+        spectra_runs.analyse_runs([], tmp_path / "none")
 
 
 def test_run_names_are_folder_names_made_unique_by_their_parents():
-    assert S.run_names(["runs/a/dpo", "runs/b/dpo", "runs/sft/model", "x"]) == ["a/dpo", "b/dpo", "sft", "x"]
+    assert spectra_runs.run_names(["runs/a/dpo", "runs/b/dpo", "runs/sft/model", "x"]) == ["a/dpo", "b/dpo", "sft", "x"]
     with pytest.raises(ValueError, match="repeat"):
-        S.run_names(["runs/dpo", "runs/dpo/model"])
+        spectra_runs.run_names(["runs/dpo", "runs/dpo/model"])
 
 
 def test_the_gap_is_read_from_a_run_or_from_its_model_folder(tiny_runs):
-    assert S.read_gap(tiny_runs[1])["gen_gap"] == 0.1
-    assert S.read_gap(tiny_runs[1] / "model")["train_accuracy"] == pytest.approx(0.7)
-    assert all(math.isnan(v) for v in S.read_gap(tiny_runs[0]).values())
+    assert spectra_runs.read_gap(tiny_runs[1])["gen_gap"] == 0.1
+    assert spectra_runs.read_gap(tiny_runs[1] / "model")["train_accuracy"] == pytest.approx(0.7)
+    assert all(math.isnan(v) for v in spectra_runs.read_gap(tiny_runs[0]).values())
 
 
 def test_settings_are_the_learning_rate_and_the_passes_over_the_training_pairs(tiny_runs, tmp_path):
-    from kdpo_lab import data as kdata
-    from kdpo_lab.training import TrainConfig
+    from kdpo_lab import suite
+    from kdpo_lab.config import TrainConfig
     run = tmp_path / "over"
     run.mkdir()
-    TrainConfig(out_dir=str(run), data=str(kdata.SUITE_DIR), lr=2e-3, max_steps=800, batch_size=16,
+    TrainConfig(out_dir=str(run), data=str(suite.SUITE_DIR), lr=2e-3, max_steps=800, batch_size=16,
                 max_train_pairs=256).save(run / "config.yaml")
-    assert S.read_settings(run) == {"lr": 2e-3, "passes": 800 * 16 / 256}
-    assert S.read_settings(run / "model")["passes"] == 50.0  # a model folder reads its run's config
+    assert spectra_runs.read_settings(run) == {"lr": 2e-3, "passes": 800 * 16 / 256}
+    assert spectra_runs.read_settings(run / "model")["passes"] == 50.0  # a model folder reads its run's config
     TrainConfig(out_dir=str(run), data=str(tmp_path / "gone.jsonl"), max_steps=10, batch_size=4, grad_accum=2,
                 max_train_pairs=40).save(run / "config.yaml")
-    assert S.read_settings(run)["passes"] == 2.0  # data moved away: counted against max_train_pairs
-    assert all(math.isnan(v) for v in S.read_settings(tiny_runs[0]).values())  # no config.yaml
+    assert spectra_runs.read_settings(run)["passes"] == 2.0  # data moved away: counted against max_train_pairs
+    assert all(math.isnan(v) for v in spectra_runs.read_settings(tiny_runs[0]).values())  # no config.yaml
 
 
 def test_runs_trained_by_kdpo_lab_get_their_settings_in_the_summary_and_the_confound_figure(tiny_runs, tmp_path):
     import shutil
-    from kdpo_lab.training import TrainConfig
+    from kdpo_lab.config import TrainConfig
     runs = [shutil.copytree(run, tmp_path / run.name) for run in tiny_runs]
     for run, lr in zip(runs, (1e-3, 1e-4, 2e-3)):
         TrainConfig(out_dir=str(run), data=str(tmp_path / "moved.jsonl"), lr=lr, max_steps=100, batch_size=8,
                     max_train_pairs=200).save(run / "config.yaml")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", S.SmallMatrixWarning)
-        summary = S.analyse_runs(runs, tmp_path / "out", verbose=False).set_index("run")
+        summary = spectra_runs.analyse_runs(runs, tmp_path / "out", verbose=False).set_index("run")
     assert summary["lr"].tolist() == [1e-3, 1e-4, 2e-3] and (summary["passes"] == 4.0).all()
     assert (tmp_path / "out" / "alpha_and_gap_by_setting.png").exists()
 
@@ -540,7 +541,7 @@ def fake_summary(alphas, gaps):
 def test_findings_read_the_bands_and_the_gap_relation_from_the_summary():
     alphas = {"sft": [7, 8, 5, 3], "dpo": [6.5, 7, 4, 3], "js": [7, 7.5, 4.5, 3], "hmk": [5, 6, 3, 1.5],
               "over": [3, 2, 1.5, 1.8]}
-    text = S.findings(fake_summary(alphas, {"sft": math.nan, "dpo": 0.02, "js": 0.01, "hmk": 0.05, "over": 0.3}),
+    text = spectra_runs.findings(fake_summary(alphas, {"sft": math.nan, "dpo": 0.02, "js": 0.01, "hmk": 0.05, "over": 0.3}),
                       n_eval=256)
     assert "`hmk`: 75% in [2, 6], 25% below 2, 0% above 6; mean alpha 3.88, mean change -1.88" in text
     assert ("2 of 4 aligned runs have layers below 2 (over-fit risk): hmk, over; 2 of 4 have layers above 6 "
@@ -554,18 +555,18 @@ def test_findings_read_the_bands_and_the_gap_relation_from_the_summary():
 def test_findings_say_when_the_most_over_fit_run_sits_inside_the_healthy_band():
     # the situation notebook 09 measured: over-training pulls every alpha to ~2.4, inside [2, 6]
     alphas = {"sft": [3, 4.5, 7, 6.5], "dpo": [3, 4.4, 7.1, 5], "over": [2.3, 2.4, 2.5, 2.6]}
-    text = S.findings(fake_summary(alphas, {"sft": math.nan, "dpo": 0.0, "over": 0.25}))
+    text = spectra_runs.findings(fake_summary(alphas, {"sft": math.nan, "dpo": 0.0, "over": 0.25}))
     assert ("`over` (+0.250), has 100% of its reliable layers in [2, 6], as many as or more than any other aligned "
             "run: being inside the band did not rule out over-fitting here") in text
-    healthy = S.findings(fake_summary({"sft": [3, 4.5], "dpo": [3.2, 5]}, {"sft": math.nan, "dpo": 0.1}))
+    healthy = spectra_runs.findings(fake_summary({"sft": [3, 4.5], "dpo": [3.2, 5]}, {"sft": math.nan, "dpo": 0.1}))
     assert "every aligned run keeps all its reliable layers in [2, 6]" in healthy and "at least half" not in healthy
     assert "only 1 run(s) have both a reliable mean alpha and a gap" in healthy
-    under = S.findings(fake_summary({"sft": [7, 8], "dpo": [3.2, 7]}, {"sft": math.nan, "dpo": 0.1}))
+    under = spectra_runs.findings(fake_summary({"sft": [7, 8], "dpo": [3.2, 7]}, {"sft": math.nan, "dpo": 0.1}))
     assert "no aligned run has a reliable layer below 2 (over-fit risk); 1 of 1 have layers above 6" in under
 
 
 def test_findings_refuse_to_answer_without_reliable_layers():
     tables = {"sft": fake_table([3.0, 5.0], [False, False]), "dpo": fake_table([2.5, 4.0], [False, False])}
     summary = S.summarize(tables, gaps={"sft": math.nan, "dpo": 0.2})
-    text = S.findings(summary)
+    text = spectra_runs.findings(summary)
     assert "neither question can be answered" in text and "3.0" not in text and "2.5" not in text

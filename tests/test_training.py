@@ -5,8 +5,9 @@ import pandas as pd
 import pytest
 import torch
 
-from kdpo_lab import cli, data, evaluation, training
-from kdpo_lab.training import TrainConfig
+from kdpo_lab import cli, loading, runs, training
+from kdpo_lab.pairs import DataError
+from kdpo_lab.config import TrainConfig
 
 TINY = dict(model="tiny-llama", d_model=32, n_layers=2, n_heads=2, vocab_size=300, max_train_pairs=48,
             max_eval_pairs=8, batch_size=4, max_length=64, max_prompt_length=40, lr=1e-3, warmup_steps=1,
@@ -89,7 +90,7 @@ def test_bad_rows_are_reported_with_file_row_and_field_and_strict_makes_them_fat
     write_rows(folder / "validation.jsonl", [GOOD] * 4)
     training.train(tiny(tmp_path, "lenient", data=str(folder), max_steps=1, max_train_pairs=0))
     assert "train.jsonl row 21" in capsys.readouterr().out
-    with pytest.raises(data.DataError, match=r"train.jsonl row 21, field 'chosen'"):
+    with pytest.raises(DataError, match=r"train.jsonl row 21, field 'chosen'"):
         training.train(tiny(tmp_path, "strict", data=str(folder), max_steps=1, max_train_pairs=0, strict=True))
 
 
@@ -122,7 +123,7 @@ def test_sft_then_dpo_then_eval_from_the_command_line(tmp_path, capsys):
     cli.main(["sft", "--out-dir", str(tmp_path / "sft"), "--model", "tiny-llama", "--max-steps", "3", *base])
     cli.main(["train", "--out-dir", str(tmp_path / "dpo"), "--model", str(tmp_path / "sft" / "model"),
               "--max-steps", "2", "--divergence", "js", *base])
-    result = evaluation.evaluate_run(tmp_path / "dpo", split="test", n_generate=4)
+    result = runs.evaluate_run(tmp_path / "dpo", split="test", n_generate=4)
     assert 0 <= result["pref/accuracy"] <= 1 and 0 <= result["winrate"] <= 1
     assert (tmp_path / "dpo" / "eval_test.json").exists()
 
@@ -180,8 +181,8 @@ def test_a_public_format_file_trains_without_edits(tmp_path, make_row):
 def test_a_single_file_is_split_into_disjoint_train_and_held_out_pairs(tmp_path):
     path = write_rows(tmp_path / "prefs.jsonl", [hh_row(i) for i in range(50)])
     cfg = tiny(tmp_path, "split", data=str(path), max_train_pairs=0)
-    train_pairs, _ = training.read_pairs(cfg, "train")
-    held, _ = training.read_pairs(cfg, "validation")
+    train_pairs, _ = loading.read_pairs(cfg, "train")
+    held, _ = loading.read_pairs(cfg, "validation")
     assert len(train_pairs) == 45 and len(held) == 5
     assert not {p.prompt for p in train_pairs} & {p.prompt for p in held}
 
