@@ -172,9 +172,9 @@ MODEL = dict(model="tiny-llama", d_model=256, n_layers=4, n_heads=4, vocab_size=
 
 
 def step_config(out, steps, **loss):
-    return TrainConfig(out_dir=str(out), data=str(suite.SUITE_DIR), max_train_pairs=256, max_eval_pairs=8,
-                                batch_size=8, max_steps=steps, warmup_steps=1, log_every=1, save_every=10**6,
-                                eval_generate=0, progress=False, lr=5e-4, seed=0, **MODEL, **loss)
+    return TrainConfig(output_dir=str(out), data=str(suite.SUITE_DIR), max_train_pairs=256, max_eval_pairs=8,
+                                per_device_train_batch_size=8, max_steps=steps, warmup_steps=1, logging_steps=1, save_steps=10**6,
+                                eval_generate=0, progress=False, learning_rate=5e-4, seed=0, **MODEL, **loss)
 
 
 def bench_steps(steps, warmup, tmp, with_trl=True):

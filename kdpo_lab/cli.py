@@ -28,11 +28,16 @@ def _bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _add_config_args(parser):
-    from kdpo_lab.config import TrainConfig
-    parser.add_argument("config", nargs="?", help="a YAML file of TrainConfig fields (see configs/)")
+def _config_class(command):
+    from kdpo_lab.config import SFTConfig, TrainConfig
+    return SFTConfig if command == "sft" else TrainConfig
+
+
+def _add_config_args(parser, command):
+    cls = _config_class(command)
+    parser.add_argument("config", nargs="?", help=f"a YAML file of {cls.__name__} fields (see configs/)")
     group = parser.add_argument_group("options (each overrides the YAML file; default in brackets)")
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         kind = {bool: _bool, int: int, float: float}.get(f.type, str)
         text = f"{f.metadata['help']} [{f.default}]".replace("%", "%%")
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
@@ -40,10 +45,23 @@ def _add_config_args(parser):
 
 
 def _config(args):
-    from kdpo_lab.config import TrainConfig
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name) is not None}
-    return TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig(**overrides)
+    cls = _config_class(args.command)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+    return cls.from_yaml(args.config, **overrides) if args.config else cls(**overrides)
+
+
+def _renamed_options(argv):
+    """argv with old option names (--lr, --batch-size, ...) replaced by TRL's, with a notice for each."""
+    from kdpo_lab.config import RENAMED
+    old = {f"--{o.replace('_', '-')}": f"--{n.replace('_', '-')}" for o, n in RENAMED.items()}
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if name in old:
+            print(f"command line: '{name}' is now '{old[name]}' (TRL's name); the old name still works", file=sys.stderr)
+            arg = old[name] + eq + value
+        out.append(arg)
+    return out
 
 
 def main(argv=None):
@@ -65,7 +83,7 @@ def main(argv=None):
                        ("train", "align a policy with the DPO-Kernels loss")):
         p = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        _add_config_args(p)
+        _add_config_args(p, name)
 
     p = sub.add_parser("eval", help="evaluate a trained run against its reference")
     p.add_argument("run", help="a run folder written by `kdpo train`")
@@ -92,7 +110,7 @@ def main(argv=None):
     p.add_argument("--out", default="outputs/spectra", help="output folder [%(default)s]")
     p.add_argument("--baseline", default=None, help="run to compare against, by name or folder [the first run]")
 
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_renamed_options(sys.argv[1:] if argv is None else list(argv)))
     if args.command == "quickstart":
         from kdpo_lab import quickstart
         quickstart.run(Path(args.out), fast=args.fast or None)

@@ -3,6 +3,7 @@
 A YAML file in configs/ sets the fields; `--field value` on the command line overrides the file.
 """
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,10 +14,30 @@ def _f(default, help):
     return field(default=default, metadata={"help": help})
 
 
+RENAMED = {"out_dir": "output_dir", "lr": "learning_rate", "batch_size": "per_device_train_batch_size",
+           "grad_accum": "gradient_accumulation_steps", "log_every": "logging_steps", "eval_every": "eval_steps",
+           "save_every": "save_steps"}
+"""Old field names (before TRL's names were adopted) and their new names: still accepted, with a notice."""
+
+
+def rename_old_fields(values, where):
+    """values with old field names replaced by TRL's names; one notice per old name on stderr."""
+    out = dict(values)
+    for old, new in RENAMED.items():
+        if old in out:
+            print(f"{where}: '{old}' is now '{new}' (TRL's name); the old name still works", file=sys.stderr)
+            if new in out:
+                raise ValueError(f"{where}: both '{old}' and its new name '{new}' are set; keep '{new}'")
+            out[new] = out.pop(old)
+    return out
+
+
 @dataclass
-class TrainConfig:
-    """Every knob of a run. YAML files in configs/ set these; the command line overrides them."""
-    out_dir: str = _f("runs/dpo", "where the model, checkpoint, metrics.jsonl and config.yaml go")
+class SFTConfig:
+    """Every knob of `kdpo sft` (the reference's supervised fine-tuning); `kdpo train` adds the loss's.
+    YAML files in configs/ set these; the command line overrides them. Names follow TRL / HF
+    TrainingArguments where they have the same idea (learning_rate, per_device_train_batch_size, ...)."""
+    output_dir: str = _f("runs/sft", "where the model, checkpoint, metrics.jsonl and config.yaml go")
     # data
     data: str = _f("data/suite", "a folder with train/validation files, one file (10% held out), or a hub dataset name")
     families: str = _f("", "comma-separated suite families to keep (empty: all)")
@@ -37,6 +58,36 @@ class TrainConfig:
     lora_alpha: int = _f(16, "LoRA scaling alpha")
     dtype: str = _f("fp32", "weights dtype: fp32 or bf16")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    # optimisation
+    learning_rate: float = _f(5e-5, "peak learning rate of the policy (tiny full fine-tuning: 5e-4 over-optimises, see README)")
+    per_device_train_batch_size: int = _f(16, "pairs per micro-batch per process")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimisation step")
+    max_steps: int = _f(200, "optimisation steps")
+    warmup_steps: int = _f(10, "linear warm-up steps, then cosine decay to 10% of lr")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping")
+    seed: int = _f(0, "seeds data order, initialisation and sampling")
+    logging_steps: int = _f(10, "steps between metric lines")
+    save_steps: int = _f(50, "steps between checkpoints")
+    resume: bool = _f(False, "continue from OUT/checkpoint if it exists")
+    progress: bool = _f(True, "show a progress bar")
+
+    @classmethod
+    def from_yaml(cls, path, **overrides):
+        values = rename_old_fields(yaml.safe_load(Path(path).read_text()) or {}, str(path))
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        return cls(**{**values, **rename_old_fields(overrides, "command line")})
+
+    def save(self, path):
+        Path(path).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
+
+
+@dataclass
+class TrainConfig(SFTConfig):
+    """Every knob of `kdpo train`: SFTConfig's plus the DPO-Kernels loss and evaluation."""
+    output_dir: str = _f("runs/dpo", "where the model, checkpoint, metrics.jsonl and config.yaml go")
     # loss
     beta: float = _f(0.1, "strength of the KL constraint; z = beta * (s_w - s_l) + ...")
     divergence: str = _f("kl", "kl, forward_kl, js, hellinger, renyi, bhattacharyya, wasserstein, alpha, chi2")
@@ -50,33 +101,10 @@ class TrainConfig:
     embeddings: str = _f("policy", "policy (own hidden states, with gradient) or encoder (frozen MiniLM: a fixed offset)")
     loss_type: str = _f("sigmoid", "sigmoid (DPO), hinge, ipo, cdpo, robust")
     label_smoothing: float = _f(0.0, "flip rate for cdpo / robust")
-    # optimisation
-    lr: float = _f(5e-5, "peak learning rate of the policy (tiny full fine-tuning: 5e-4 over-optimises, see README)")
+    # optimisation and evaluation
     kernel_lr: float = _f(1e-2, "learning rate of the kernel's parameters (HMK weights, bandwidths)")
-    batch_size: int = _f(16, "pairs per micro-batch per process")
-    grad_accum: int = _f(1, "micro-batches per optimisation step")
-    max_steps: int = _f(200, "optimisation steps")
-    warmup_steps: int = _f(10, "linear warm-up steps, then cosine decay to 10% of lr")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    max_grad_norm: float = _f(1.0, "gradient clipping")
-    seed: int = _f(0, "seeds data order, initialisation and sampling")
-    log_every: int = _f(10, "steps between metric lines")
-    eval_every: int = _f(0, "steps between held-out evaluations (0: only at the end)")
+    eval_steps: int = _f(0, "steps between held-out evaluations (0: only at the end)")
     eval_generate: int = _f(0, "prompts to sample at each evaluation for reward, win-rate and KL (0: none)")
-    save_every: int = _f(50, "steps between checkpoints")
-    resume: bool = _f(False, "continue from OUT/checkpoint if it exists")
-    progress: bool = _f(True, "show a progress bar")
-
-    @classmethod
-    def from_yaml(cls, path, **overrides):
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
-        return cls(**{**values, **overrides})
-
-    def save(self, path):
-        Path(path).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
 
 
 CONFIG_MODELS = ("tiny-llama", "tiny-gpt2", "llama-7b-shape")

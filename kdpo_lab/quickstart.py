@@ -16,7 +16,7 @@ import matplotlib
 import pandas as pd
 
 from kdpo_lab import fast_mode, plots, selection
-from kdpo_lab.config import TrainConfig
+from kdpo_lab.config import SFTConfig, TrainConfig
 from kdpo_lab.training import sft, train
 
 matplotlib.use("Agg")
@@ -42,14 +42,14 @@ def run(out, fast=None):
     s = sizes(fast)
     out = Path(out)
     base = dict(max_train_pairs=s["max_train_pairs"], max_eval_pairs=s["max_eval_pairs"], seed=0)
-    ref_cfg = TrainConfig(out_dir=str(out / "sft"), model="tiny-llama", lr=2e-3, batch_size=32,
-                          max_steps=s["sft_steps"], warmup_steps=min(20, s["sft_steps"] // 5), **base)
+    ref_cfg = SFTConfig(output_dir=str(out / "sft"), model="tiny-llama", learning_rate=2e-3,
+                        per_device_train_batch_size=32, max_steps=s["sft_steps"], warmup_steps=min(20, s["sft_steps"] // 5), **base)
     sft(ref_cfg)
     runs = {}
     for name, loss in VARIANTS.items():
-        cfg = TrainConfig(out_dir=str(out / _slug(name)), model=str(out / "sft" / "model"), lr=5e-5,
-                          max_steps=s["dpo_steps"], eval_every=s["eval_every"], eval_generate=s["n_generate"],
-                          save_every=s["dpo_steps"], **base, **loss)
+        cfg = TrainConfig(output_dir=str(out / _slug(name)), model=str(out / "sft" / "model"), learning_rate=5e-5,
+                          max_steps=s["dpo_steps"], eval_steps=s["eval_every"], eval_generate=s["n_generate"],
+                          save_steps=s["dpo_steps"], **base, **loss)
         runs[name] = train(cfg)
     table = write_report(runs, out)
     math_demo(out)

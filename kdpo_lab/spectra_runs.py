@@ -60,7 +60,7 @@ def read_gap(run_dir):
 def read_settings(run_dir):
     """The two training settings HT-SR comparisons get confounded by, from a run's OUT/config.yaml
     (written by training.train and training.sft): {"lr", "passes"}, passes = pairs seen (max_steps x
-    batch_size x grad_accum) / training pairs used. NaNs without a config; passes counts against
+    per_device_train_batch_size x gradient_accumulation_steps) / training pairs used. NaNs without a config; passes counts against
     max_train_pairs when the data can no longer be read."""
     from kdpo_lab.config import TrainConfig
     from kdpo_lab.loading import read_pairs
@@ -73,8 +73,8 @@ def read_settings(run_dir):
                 n_pairs = len(read_pairs(cfg, "train", cfg.max_train_pairs)[0])
             except (OSError, ValueError):
                 n_pairs = cfg.max_train_pairs
-            seen = cfg.max_steps * cfg.batch_size * cfg.grad_accum
-            return {"lr": float(cfg.lr), "passes": seen / n_pairs if n_pairs else math.nan}
+            seen = cfg.max_steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+            return {"lr": float(cfg.learning_rate), "passes": seen / n_pairs if n_pairs else math.nan}
     return {"lr": math.nan, "passes": math.nan}
 
 

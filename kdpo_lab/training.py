@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from kdpo_lab import batching, divergences, evaluation, kernels, models
-from kdpo_lab.config import TrainConfig
+from kdpo_lab.config import SFTConfig, TrainConfig
 from kdpo_lab.loading import load_splits
 from kdpo_lab.losses import kernel_dpo_loss
 
@@ -95,7 +95,7 @@ def batch_indices(n, batch, step, seed):
 
 def _start(cfg):
     """Output folder, accelerator and seeds: the first lines of every run."""
-    out = Path(cfg.out_dir)
+    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator()
     set_seed(cfg.seed)
@@ -137,16 +137,16 @@ def train(cfg: TrainConfig, ref_model=None):
     enc_train = encoder_embeddings(train_pairs, encoder) if encoder else None
     ref_w = ref_l = None
     if not need_ref_logits:
-        ref_w, ref_l = reference_logps(model, ref_model, train_feats, pad_id, 4 * cfg.batch_size)
+        ref_w, ref_l = reference_logps(model, ref_model, train_feats, pad_id, 4 * cfg.per_device_train_batch_size)
     # the reference never changes: its log-probs of the pairs every evaluation scores are computed once
     n_eval = len(eval_feats)
-    ref_eval = {"held_out": reference_logps(model, ref_model, eval_feats, pad_id, 4 * cfg.batch_size),
+    ref_eval = {"held_out": reference_logps(model, ref_model, eval_feats, pad_id, 4 * cfg.per_device_train_batch_size),
                 "train": (ref_w[:n_eval], ref_l[:n_eval]) if ref_w is not None
-                else reference_logps(model, ref_model, train_feats[:n_eval], pad_id, 4 * cfg.batch_size)}
+                else reference_logps(model, ref_model, train_feats[:n_eval], pad_id, 4 * cfg.per_device_train_batch_size)}
     if kernel is not None:
         kernel.fit(_fit_embeddings(model, ref_model, train_feats, pad_id, device, enc_train))
 
-    params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
+    params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
     if kernel is not None and any(p.requires_grad for p in kernel.parameters()):
         params.append({"params": [p for p in kernel.parameters() if p.requires_grad], "lr": cfg.kernel_lr})
     optimizer = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
@@ -168,7 +168,7 @@ def train(cfg: TrainConfig, ref_model=None):
             (out / log).unlink(missing_ok=True)
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = cfg.batch_size * cfg.grad_accum * world
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and accelerator.is_main_process),
                desc=f"train {cfg.divergence}" + (f"+{cfg.kernel}" if cfg.kernel else ""))
     try:
@@ -177,8 +177,8 @@ def train(cfg: TrainConfig, ref_model=None):
             idx = batch_indices(len(train_feats), global_batch, step, cfg.seed)[rank::world]
             model.train()
             logs = []
-            for micro in range(cfg.grad_accum):
-                mb = idx[micro * cfg.batch_size:(micro + 1) * cfg.batch_size]
+            for micro in range(cfg.gradient_accumulation_steps):
+                mb = idx[micro * cfg.per_device_train_batch_size:(micro + 1) * cfg.per_device_train_batch_size]
                 loss, metrics = _loss_on(mb, model, ref_model, kernel, div, cfg, train_feats, pad_id, device,
                                          ref_w, ref_l, enc_train, need_ref_logits)
                 if not torch.isfinite(loss):
@@ -186,7 +186,7 @@ def train(cfg: TrainConfig, ref_model=None):
                         f"non-finite loss at step {step} (training pairs {mb}); metrics: "
                         f"{ {k: v.float().mean().item() for k, v in metrics.items()} }. "
                         f"Lower lr or beta, or use dtype=fp32; the last checkpoint is in {ckpt}")
-                accelerator.backward(loss / cfg.grad_accum)
+                accelerator.backward(loss / cfg.gradient_accumulation_steps)
                 logs.append(metrics)
             if kernel is not None and world > 1:
                 for p in kernel.parameters():
@@ -200,15 +200,15 @@ def train(cfg: TrainConfig, ref_model=None):
                 kernel.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if step % cfg.logging_steps == 0 or step == cfg.max_steps:
                 row = _summarise(logs, step, scheduler, time.perf_counter() - t0, kernel)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}")
                 if accelerator.is_main_process:
                     _append_jsonl(out / "metrics.jsonl", row)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
                 _evaluate(accelerator, model, ref_model, tokenizer, eval_pairs, eval_feats, train_pairs, train_feats,
                           ref_eval, cfg, step, out)
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
+            if step % cfg.save_steps == 0 or step == cfg.max_steps:
                 _save_checkpoint(accelerator, ckpt, step)
     except KeyboardInterrupt:
         _save_checkpoint(accelerator, ckpt, step)
@@ -225,14 +225,14 @@ def train(cfg: TrainConfig, ref_model=None):
     return out
 
 
-def sft(cfg: TrainConfig):
+def sft(cfg: SFTConfig):
     """Supervised fine-tuning on prompt + chosen AND prompt + rejected, so that the reference puts mass on
     both (paper-notes: otherwise rho of a response the reference never produces is mostly noise).
     Uses lr, batch_size, max_steps, warmup_steps, seed and the model fields of cfg. Returns the folder."""
     out, accelerator = _start(cfg)
     model, tokenizer, _, train_feats, _, eval_feats = load_splits(cfg)
     pad_id, device = tokenizer.pad_token_id, accelerator.device
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -242,7 +242,7 @@ def sft(cfg: TrainConfig):
     for step in tqdm(range(cfg.max_steps), desc="sft", disable=not (cfg.progress and accelerator.is_main_process)):
         t0 = time.perf_counter()
         model.train()
-        idx = batch_indices(len(train_feats), cfg.batch_size * world, step, cfg.seed)[rank::world]
+        idx = batch_indices(len(train_feats), cfg.per_device_train_batch_size * world, step, cfg.seed)[rank::world]
         batch = _batch(train_feats, idx, pad_id, device)
         loss = models.sft_loss(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
         if not torch.isfinite(loss):
@@ -252,7 +252,7 @@ def sft(cfg: TrainConfig):
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % cfg.log_every == 0 and accelerator.is_main_process:
+        if (step + 1) % cfg.logging_steps == 0 and accelerator.is_main_process:
             _append_jsonl(out / "metrics.jsonl", {"step": step + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                                                   "time/step_s": time.perf_counter() - t0,
                                                   "memory/peak_mb": peak_memory_mb()})

@@ -467,11 +467,11 @@ def test_settings_are_the_learning_rate_and_the_passes_over_the_training_pairs(t
     from kdpo_lab.config import TrainConfig
     run = tmp_path / "over"
     run.mkdir()
-    TrainConfig(out_dir=str(run), data=str(suite.SUITE_DIR), lr=2e-3, max_steps=800, batch_size=16,
+    TrainConfig(output_dir=str(run), data=str(suite.SUITE_DIR), learning_rate=2e-3, max_steps=800, per_device_train_batch_size=16,
                 max_train_pairs=256).save(run / "config.yaml")
     assert spectra_runs.read_settings(run) == {"lr": 2e-3, "passes": 800 * 16 / 256}
     assert spectra_runs.read_settings(run / "model")["passes"] == 50.0  # a model folder reads its run's config
-    TrainConfig(out_dir=str(run), data=str(tmp_path / "gone.jsonl"), max_steps=10, batch_size=4, grad_accum=2,
+    TrainConfig(output_dir=str(run), data=str(tmp_path / "gone.jsonl"), max_steps=10, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                 max_train_pairs=40).save(run / "config.yaml")
     assert spectra_runs.read_settings(run)["passes"] == 2.0  # data moved away: counted against max_train_pairs
     assert all(math.isnan(v) for v in spectra_runs.read_settings(tiny_runs[0]).values())  # no config.yaml
@@ -482,7 +482,7 @@ def test_runs_trained_by_kdpo_lab_get_their_settings_in_the_summary_and_the_conf
     from kdpo_lab.config import TrainConfig
     runs = [shutil.copytree(run, tmp_path / run.name) for run in tiny_runs]
     for run, lr in zip(runs, (1e-3, 1e-4, 2e-3)):
-        TrainConfig(out_dir=str(run), data=str(tmp_path / "moved.jsonl"), lr=lr, max_steps=100, batch_size=8,
+        TrainConfig(output_dir=str(run), data=str(tmp_path / "moved.jsonl"), learning_rate=lr, max_steps=100, per_device_train_batch_size=8,
                     max_train_pairs=200).save(run / "config.yaml")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", S.SmallMatrixWarning)

@@ -10,12 +10,12 @@ from kdpo_lab.pairs import DataError
 from kdpo_lab.config import TrainConfig
 
 TINY = dict(model="tiny-llama", d_model=32, n_layers=2, n_heads=2, vocab_size=300, max_train_pairs=48,
-            max_eval_pairs=8, batch_size=4, max_length=64, max_prompt_length=40, lr=1e-3, warmup_steps=1,
-            log_every=1, progress=False)
+            max_eval_pairs=8, per_device_train_batch_size=4, max_length=64, max_prompt_length=40, learning_rate=1e-3, warmup_steps=1,
+            logging_steps=1, progress=False)
 
 
 def tiny(tmp_path, name, **kw):
-    return TrainConfig(out_dir=str(tmp_path / name), **{**TINY, **kw})
+    return TrainConfig(output_dir=str(tmp_path / name), **{**TINY, **kw})
 
 
 def params(run):
@@ -29,7 +29,7 @@ def metric_rows(run):
 
 
 def test_a_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path, monkeypatch):
-    kw = dict(max_steps=6, save_every=3, kernel="hmk", gamma=0.5, eta=0.01)
+    kw = dict(max_steps=6, save_steps=3, kernel="hmk", gamma=0.5, eta=0.01)
     straight = training.train(tiny(tmp_path, "straight", **kw))
 
     save = training._save_checkpoint
@@ -54,7 +54,7 @@ def test_a_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path, monkeypa
 
 def test_dpo_fits_its_training_pairs_and_writes_what_it_promises(tmp_path):
     # one full batch of 8 pairs, seen every step: the loss on it must fall
-    run = training.train(tiny(tmp_path, "dpo", max_steps=12, lr=3e-3, max_train_pairs=8, batch_size=8, eval_generate=4))
+    run = training.train(tiny(tmp_path, "dpo", max_steps=12, learning_rate=3e-3, max_train_pairs=8, per_device_train_batch_size=8, eval_generate=4))
     m = pd.read_json(run / "metrics.jsonl", lines=True)
     assert list(m["step"]) == list(range(1, 13))
     assert m["loss"].iloc[-3:].mean() < m["loss"].iloc[:3].mean()
@@ -188,7 +188,7 @@ def test_a_single_file_is_split_into_disjoint_train_and_held_out_pairs(tmp_path)
 
 
 def test_a_fresh_run_in_an_old_folder_starts_clean_logs(tmp_path):
-    cfg = tiny(tmp_path, "again", max_steps=2, eval_every=1)
+    cfg = tiny(tmp_path, "again", max_steps=2, eval_steps=1)
     training.train(cfg)
     run = training.train(cfg)
     ev = pd.read_json(run / "eval.jsonl", lines=True)
