@@ -25,6 +25,8 @@ Scores (each in [0, 1]; the reason column says where each number comes from):
   agrees with the preferences adds a right prior to z, one that disagrees fights the policy term.
   Reported beside it: paired accuracy (margin > 0), normalised gap mean/std of the margin, the
   data's global share (how much of e_w - e_l lies in the top principal directions) and anisotropy.
+  On the unit sphere RBF and polynomial are both increasing functions of the cosine, so they always
+  have the same AUC and accuracy (ranks); they differ in the gap and, in training, in the gradient.
 * divergence: every link-form divergence damps the growth of rho by its slope s'(rho) ~ exp(-c rho)
   for rho > 0: damping c = 0 (KL), 0.3 (alpha 0.3), 0.5 (Hellinger), 0.7 (Renyi 0.3), 1 (JS). Heavy
   tails call for damping, a large drift calls against it: wanted c* = tail * (1 - drift), tail =
