@@ -20,8 +20,11 @@ With `divergence="kl"`, no kernel (or gamma = 0) and no offset this is exactly D
 `divergence_form="auto"` picks the link form where it exists and the penalty form otherwise
 (Wasserstein).
 
-The kernel term follows paper-notes section 4: embeddings come from the policy's own hidden states
-and carry gradient; with a frozen external encoder the same term is a fixed per-pair offset.
+The kernel term (Das et al. 2025, arXiv 2501.03271): embeddings come from the policy's own hidden
+states and carry gradient; with a frozen external encoder the same term is a fixed per-pair offset.
+Its scale is fixed by the kernel's calibration (see `kernels`), so gamma alone sets its weight; the
+metrics `kernel/share` and `kernel/margin_std` (`kernel_metrics`) show how much of z it takes, and
+`train_kernel_alone` trains a kernel against a frozen policy to check that it cannot inflate itself.
 
 Parameter mapping to TRL 1.16 (the peer the tests compare with): our `divergence="alpha", alpha=a`
 is TRL's `f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1 - a`; our Renyi of order

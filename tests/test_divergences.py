@@ -119,7 +119,7 @@ RHO = torch.linspace(-6.0, 6.0, 49, dtype=torch.float64)
 
 
 def closed_form_link(name, rho, params):
-    """The link scores as written in paper-notes section 2 (TRL's scores for kl/forward_kl/js/alpha)."""
+    """The link scores f'(e^rho) - f'(1) as written by hand (TRL's scores for kl/forward_kl/js/alpha)."""
     if name == "kl":
         return rho
     if name == "forward_kl":
