@@ -462,6 +462,9 @@ def get(name, **params):
         return name
     if name not in _CLASSES:
         raise ValueError(f"unknown kernel {name!r}; choose one of {NAMES}")
+    if "learnable" in params:
+        raise ValueError("learnable: kernel scales come from fit() and are not trained (see kdpo_lab.kernels); "
+                         "only the HMK's mixture weights learn")
     try:
         return _CLASSES[name](**params)
     except TypeError as err:
