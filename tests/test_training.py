@@ -28,30 +28,6 @@ def metric_rows(run):
     return df.drop(columns=[c for c in df if c.startswith(("time/", "memory/"))])
 
 
-def test_a_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path, monkeypatch):
-    kw = dict(max_steps=6, save_steps=3, kernel="hmk", gamma=0.5, eta=0.01)
-    straight = training.train(tiny(tmp_path, "straight", **kw))
-
-    save = training._save_checkpoint
-
-    def save_then_die(accelerator, ckpt, step):
-        save(accelerator, ckpt, step)
-        if step == 3:
-            raise RuntimeError("killed")
-    monkeypatch.setattr(training, "_save_checkpoint", save_then_die)
-    with pytest.raises(RuntimeError, match="killed"):
-        training.train(tiny(tmp_path, "killed", **kw))
-    monkeypatch.setattr(training, "_save_checkpoint", save)
-    resumed = training.train(tiny(tmp_path, "killed", resume=True, **kw))
-
-    a, b = params(straight), params(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.load(straight / "kernel.pt").keys() == torch.load(resumed / "kernel.pt").keys()
-    assert all(torch.equal(x, y) for x, y in zip(torch.load(straight / "kernel.pt").values(),
-                                                  torch.load(resumed / "kernel.pt").values()))
-    pd.testing.assert_frame_equal(metric_rows(straight), metric_rows(resumed))
-
-
 def test_dpo_fits_its_training_pairs_and_writes_what_it_promises(tmp_path):
     # one full batch of 8 pairs, seen every step: the loss on it must fall
     run = training.train(tiny(tmp_path, "dpo", max_steps=12, learning_rate=3e-3, max_train_pairs=8, per_device_train_batch_size=8, eval_generate=4))
