@@ -178,8 +178,9 @@ def _fit(run, task):
 
 
 def _accumulate(run, task):
-    """Gradients of one global batch: this process's micro-batches under accelerator.accumulate
-    (no gradient sync until the last; accelerator.backward divides by the accumulation steps)."""
+    """Gradients of one global batch, the same on every process: this process's micro-batches under
+    accelerator.accumulate (no sync until the last; accelerator.backward divides by the accumulation
+    steps), then the kernel's gradients averaged across processes."""
     run.model.train()
     idx, B = run.my_indices(), run.cfg.per_device_train_batch_size
     logs = []
@@ -196,16 +197,16 @@ def _accumulate(run, task):
         logs.append(metrics)
     if not run.accelerator.sync_gradients:
         raise RuntimeError("accelerate did not mark the last micro-batch for gradient sync")
+    if run.kernel_optimizer is not None and run.accelerator.num_processes > 1:
+        for p in run.kernel.parameters():  # outside the prepared model: averaged here, as DDP does
+            if p.grad is not None:
+                p.grad = run.accelerator.reduce(p.grad, "mean")
     return logs
 
 
 def _optimizer_step(run):
-    """Average the kernel's gradients across processes, clip the policy's, step both, then the schedule."""
+    """Clip the policy's gradients, step both optimisers, then the schedules (once per optimiser step)."""
     acc = run.accelerator
-    if run.kernel_optimizer is not None and acc.num_processes > 1:
-        for p in run.kernel.parameters():
-            if p.grad is not None:
-                p.grad = acc.reduce(p.grad, "mean")
     acc.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm)
     run.optimizer.step()
     if run.kernel_optimizer is not None:
@@ -386,7 +387,7 @@ def train(cfg: TrainConfig, ref_model=None):
     _fit(run, DPOTask(cfg, ref_model, ref_logps, enc_train, held_out))
     _save_model(run)  # before the final evaluation: an evaluation that fails never costs the run
     held_out.run(run)
-    accelerator.end_training()
+    _finish_trackers(accelerator)
     return out
 
 
@@ -430,7 +431,7 @@ def sft(cfg: SFTConfig):
     _fit(run, SFTTask())
     _save_model(run, merge=True)
     write_row(run, "metrics.jsonl", {"step": cfg.max_steps, "eval/loss": held_out_sft_loss(run, eval_feats[:64])})
-    accelerator.end_training()
+    _finish_trackers(accelerator)
     return out
 
 
@@ -450,6 +451,12 @@ def trackers(cfg):
         raise ValueError(f"report_to: {', '.join(missing)} not installed (installed trackers: "
                          f"{', '.join(available) or 'none'}); install it or use report_to=none")
     return names
+
+
+def _finish_trackers(accelerator):
+    """accelerator.end_training() without its destroy_process_group: one launch may run sft, then train."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def summarise(run, logs, seconds):
