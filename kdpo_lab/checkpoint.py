@@ -93,8 +93,13 @@ def step_of(folder):
 # ----------------------------------------------------------------------------- one checkpoint
 
 def temp_folder(out, step):
-    """The folder a save writes into; empty (a leftover of a killed save is removed first)."""
-    tmp = Path(out) / (folder_name(step) + ".tmp")
+    """The folder the save of `step` writes into, before publish() renames it."""
+    return Path(out) / (folder_name(step) + ".tmp")
+
+
+def empty_temp_folder(out, step):
+    """Create temp_folder(out, step) empty (a leftover of a killed save is removed first)."""
+    tmp = temp_folder(out, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp

@@ -229,9 +229,9 @@ def save_checkpoint(run):
         return  # this step is already saved (a resumed run at its checkpoint)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        checkpoint.temp_folder(out, run.step)
+        checkpoint.empty_temp_folder(out, run.step)
     acc.wait_for_everyone()
-    tmp = out / (checkpoint.folder_name(run.step) + ".tmp")
+    tmp = checkpoint.temp_folder(out, run.step)
     acc.save_state(str(tmp))
     if acc.is_main_process and run.kernel is not None:
         checkpoint.save_kernel(run.kernel, tmp)
