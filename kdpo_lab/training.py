@@ -1,33 +1,47 @@
-"""Training: an SFT stage for the reference and the DPO-Kernels loop, one readable loop on accelerate.
+"""Training: an SFT stage for the reference and the DPO-Kernels loop, one loop on accelerate for both.
 
 The same code runs on a CPU, one GPU, or many (`accelerate launch -m kdpo_lab.cli train ...` with
-DDP, FSDP or DeepSpeed). One optimisation step:
+DDP, FSDP or DeepSpeed). One optimisation step of `train`:
 
-    batch  = pairs[order[step]]                 order = a seeded permutation per epoch (resumable)
+    batch  = pairs[order[step]]                 order = a seeded permutation per epoch (resumable);
+                                                each process takes every world-th pair of the global batch
     logps  = one forward of [chosen; rejected]  (2B rows, response tokens summed)
     ref    = precomputed once (or a no-grad forward when the penalty form needs reference logits)
     e_x, e_w, e_l = pooled hidden states        (policy's own, with gradient) or a frozen encoder
     loss   = kernel_dpo_loss(...)               kdpo_lab.losses
-    AdamW on the policy (and on the kernel's parameters, lr `kernel_lr`), warm-up + cosine schedule.
+    AdamW on the policy; the kernel's parameters (lr `kernel_lr`) have their own AdamW; warm-up + cosine.
 
-A checkpoint (`OUT/checkpoint/`) holds model, optimiser, scheduler, kernel, RNG and the step; the data
-position follows from the step, so `resume=True` continues exactly where a killed run stopped.
-Metrics go to `OUT/metrics.jsonl` (one JSON object per logged step, `pandas.read_json(lines=True)`).
+Accumulation is accelerate's own (`Accelerator(gradient_accumulation_steps=...)` and
+`accelerator.accumulate`), so DeepSpeed and FSDP step their engines once per optimiser step. The
+learning-rate schedule counts optimiser steps: it is not passed to `accelerator.prepare` (whose
+wrapper would step it once per process) but stepped here, once per optimiser step, as transformers'
+Trainer does. The kernel lives outside the prepared model (it is tiny and replicated): its gradients
+are averaged across processes by one all-reduce before each step. Two processes therefore take the
+same steps as one process at the same global batch (tests/test_distributed.py).
+
+Checkpoints (`OUT/checkpoint-000150/`, the last two kept) are written by kdpo_lab.checkpoint so that a
+kill cannot tear them; the data position follows from the step, so `resume=True` continues exactly
+where a killed run stopped. Metrics go to `OUT/metrics.jsonl` and `OUT/eval.jsonl` (one JSON object
+per logged step, `pandas.read_json(lines=True)`), and to accelerate's trackers with `report_to`.
 """
-import json
+import dataclasses
 import math
 import random
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from kdpo_lab import batching, divergences, evaluation, kernels, models
-from kdpo_lab.config import SFTConfig, TrainConfig
+from kdpo_lab import batching, checkpoint, divergences, evaluation, kernels, models
+from kdpo_lab.config import SFTConfig, TrainConfig  # noqa: F401  (notebooks import TrainConfig from here)
 from kdpo_lab.loading import load_splits
 from kdpo_lab.losses import kernel_dpo_loss
 
@@ -44,39 +58,8 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _divergence(cfg):
-    params = {"renyi": {"order": cfg.order}, "alpha": {"alpha": cfg.alpha}}.get(cfg.divergence, {})
-    return divergences.get(cfg.divergence, **params)
-
-
-def _needs_ref_logits(cfg):
-    div = _divergence(cfg)
-    return cfg.divergence_form == "penalty" or (cfg.divergence_form == "auto" and not div.has_link)
-
-
-# ----------------------------------------------------------------------------- forward pieces
-
-def batch_forward(model, batch, need_hidden, need_logits):
-    return models.sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
-                                 return_hidden=need_hidden, return_logits=need_logits)
-
-
-def reference_logps(model, ref_model, features, pad_id, batch_size):
-    """Sequence log-probs of chosen and rejected under the reference, once for the whole set: [n], [n]."""
-    with models.reference_context(model, ref_model) as ref:
-        ref.eval()
-        return evaluation.pair_logps(ref, features, pad_id, batch_size)
-
-
-def encoder_embeddings(pairs, encoder):
-    """Frozen-encoder embeddings of (prompt, chosen, rejected) for every pair: [n, 3, d]."""
-    texts = [t for p in pairs for t in (p.prompt, p.chosen, p.rejected)]
-    return encoder(texts).reshape(len(pairs), 3, -1)
-
-
-# ----------------------------------------------------------------------------- the loop
-
 def lr_lambda(cfg):
+    """The learning-rate factor after `step` optimiser steps: linear warm-up, cosine decay to 10%."""
     def f(step):
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
@@ -93,204 +76,273 @@ def batch_indices(n, batch, step, seed):
     return order[k * batch:(k + 1) * batch].tolist()
 
 
-def _start(cfg):
-    """Output folder, accelerator and seeds: the first lines of every run."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator()
-    set_seed(cfg.seed)
-    cfg.save(out / "config.yaml")
-    return out, accelerator
-
-
 def _batch(feats, idx, pad_id, device):
     """The collated [chosen; rejected] batch of pairs `idx`, on `device`."""
     return {k: v.to(device) for k, v in batching.collate([feats[i] for i in idx], pad_id).items()}
 
 
-def _save_model(accelerator, model, tokenizer, out, merge=False):
+# ----------------------------------------------------------------------------- the run and its loop
+
+@dataclass
+class Run:
+    """What a run carries from step to step. `model` is the prepared one (DDP/FSDP/DeepSpeed-wrapped
+    when launched so); the kernel and its optimiser are None without a learnable kernel."""
+    cfg: SFTConfig
+    accelerator: Accelerator
+    out: Path
+    model: torch.nn.Module
+    tokenizer: object
+    feats: list
+    optimizer: object
+    scheduler: object
+    kernel: object = None
+    kernel_optimizer: object = None
+    kernel_scheduler: object = None
+    step: int = 0
+
+    @property
+    def pad_id(self):
+        return self.tokenizer.pad_token_id
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def my_indices(self):
+        """This process's share of global batch `step`: every world-th pair (same pairs as one process)."""
+        acc, cfg = self.accelerator, self.cfg
+        size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
+        return batch_indices(len(self.feats), size, self.step, cfg.seed)[acc.process_index::acc.num_processes]
+
+
+def _start(cfg):
+    """Accelerator, output folder and seeds: the first lines of every run. The output folder is
+    checked (format, resume) on every process before the main process touches it."""
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              log_with=trackers(cfg), project_dir=str(out))
+    checkpoint.check_folder(out, cfg.resume)
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        if merge and models.is_peft(unwrapped):
-            unwrapped = models.merge_lora(unwrapped, inplace=True)
-        unwrapped.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
+        checkpoint.prepare_folder(out, cfg.resume)
+        cfg.save(out / "config.yaml")
+    accelerator.wait_for_everyone()
+    set_seed(cfg.seed)
+    if accelerator.log_with:
+        accelerator.init_trackers("kdpo_lab", config=dataclasses.asdict(cfg))
+    return out, accelerator
 
 
-def train(cfg: TrainConfig, ref_model=None):
-    """Train a policy with the DPO-Kernels loss. Returns the output folder (a Path)."""
-    out, accelerator = _start(cfg)
-
-    model, tokenizer, train_pairs, train_feats, eval_pairs, eval_feats = load_splits(cfg)
-    pad_id = tokenizer.pad_token_id
-    if ref_model is None and cfg.lora_r == 0:
-        ref_model = models.frozen_copy(model)  # with LoRA the reference is the base, adapters disabled
-    device = accelerator.device
-    model.to(device)
-    if ref_model is not None:
-        ref_model.to(device).eval().requires_grad_(False)
-
-    div = _divergence(cfg)
-    need_ref_logits = _needs_ref_logits(cfg)
-    kernel = kernels.get(cfg.kernel).to(device) if cfg.kernel else None
-    encoder = models.SentenceEncoder() if kernel is not None and cfg.embeddings == "encoder" else None
-    enc_train = encoder_embeddings(train_pairs, encoder) if encoder else None
-    ref_w = ref_l = None
-    if not need_ref_logits:
-        ref_w, ref_l = reference_logps(model, ref_model, train_feats, pad_id, 4 * cfg.per_device_train_batch_size)
-    # the reference never changes: its log-probs of the pairs every evaluation scores are computed once
-    n_eval = len(eval_feats)
-    ref_eval = {"held_out": reference_logps(model, ref_model, eval_feats, pad_id, 4 * cfg.per_device_train_batch_size),
-                "train": (ref_w[:n_eval], ref_l[:n_eval]) if ref_w is not None
-                else reference_logps(model, ref_model, train_feats[:n_eval], pad_id, 4 * cfg.per_device_train_batch_size)}
-    if kernel is not None:
-        kernel.fit(_fit_embeddings(model, ref_model, train_feats, pad_id, device, enc_train))
-
-    params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
-    if kernel is not None and any(p.requires_grad for p in kernel.parameters()):
-        params.append({"params": [p for p in kernel.parameters() if p.requires_grad], "lr": cfg.kernel_lr})
-    optimizer = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
+def _optimizers(accelerator, model, cfg, kernel=None):
+    """(model, optimizer, scheduler, kernel optimizer, kernel scheduler): AdamW for the policy, prepared
+    with it; the schedule, and AdamW for a learnable kernel, registered for checkpointing but not prepared."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if kernel is not None:
-        accelerator.register_for_checkpointing(kernel)
+    accelerator.register_for_checkpointing(scheduler)
+    trainable = [p for p in kernel.parameters() if p.requires_grad] if kernel is not None else []
+    if not trainable:
+        return model, optimizer, scheduler, None, None
+    k_opt = torch.optim.AdamW(trainable, lr=cfg.kernel_lr, weight_decay=cfg.weight_decay)
+    k_sched = torch.optim.lr_scheduler.LambdaLR(k_opt, lr_lambda(cfg))
+    accelerator.register_for_checkpointing(k_opt, k_sched)
+    return model, optimizer, scheduler, k_opt, k_sched
 
-    step = 0
-    ckpt = out / "checkpoint"
-    if cfg.resume and (ckpt / "state.json").exists():
-        accelerator.load_state(str(ckpt))
-        step = json.loads((ckpt / "state.json").read_text())["step"]
-        for log in ("metrics.jsonl", "eval.jsonl"):
-            _truncate_metrics(out / log, step)
-        accelerator.print(f"resumed from {ckpt} at step {step}")
-    else:  # a fresh run: logs of an earlier run in the same folder would mix with this one's
-        for log in ("metrics.jsonl", "eval.jsonl"):
-            (out / log).unlink(missing_ok=True)
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and accelerator.is_main_process),
-               desc=f"train {cfg.divergence}" + (f"+{cfg.kernel}" if cfg.kernel else ""))
+def _fit(run, task):
+    """The loop both stages share: from run.step to max_steps, one optimiser step per global batch,
+    with logs, evaluations (task.after_step) and checkpoints; a checkpoint is saved on Ctrl-C."""
+    cfg, acc = run.cfg, run.accelerator
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc=task.name,
+               disable=not (cfg.progress and acc.is_main_process))
     try:
-        while step < cfg.max_steps:
+        while run.step < cfg.max_steps:
             t0 = time.perf_counter()
-            idx = batch_indices(len(train_feats), global_batch, step, cfg.seed)[rank::world]
-            model.train()
-            logs = []
-            for micro in range(cfg.gradient_accumulation_steps):
-                mb = idx[micro * cfg.per_device_train_batch_size:(micro + 1) * cfg.per_device_train_batch_size]
-                loss, metrics = _loss_on(mb, model, ref_model, kernel, div, cfg, train_feats, pad_id, device,
-                                         ref_w, ref_l, enc_train, need_ref_logits)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite loss at step {step} (training pairs {mb}); metrics: "
-                        f"{ {k: v.float().mean().item() for k, v in metrics.items()} }. "
-                        f"Lower lr or beta, or use dtype=fp32; the last checkpoint is in {ckpt}")
-                accelerator.backward(loss / cfg.gradient_accumulation_steps)
-                logs.append(metrics)
-            if kernel is not None and world > 1:
-                for p in kernel.parameters():
-                    if p.grad is not None:
-                        p.grad = accelerator.reduce(p.grad, "mean")
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if kernel is not None:
-                kernel.zero_grad(set_to_none=True)
-            step += 1
+            logs = _accumulate(run, task)
+            _optimizer_step(run)
+            run.step += 1
             bar.update(1)
-            if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-                row = _summarise(logs, step, scheduler, time.perf_counter() - t0, kernel)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}")
-                if accelerator.is_main_process:
-                    _append_jsonl(out / "metrics.jsonl", row)
-            if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
-                _evaluate(accelerator, model, ref_model, tokenizer, eval_pairs, eval_feats, train_pairs, train_feats,
-                          ref_eval, cfg, step, out)
-            if step % cfg.save_steps == 0 or step == cfg.max_steps:
-                _save_checkpoint(accelerator, ckpt, step)
+            if run.step % cfg.logging_steps == 0 or run.step == cfg.max_steps:
+                row = summarise(run, logs, time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{row['loss']:.3f}")
+                write_row(run, "metrics.jsonl", row)
+            task.after_step(run)
+            if run.step % cfg.save_steps == 0 or run.step == cfg.max_steps:
+                save_checkpoint(run)
     except KeyboardInterrupt:
-        _save_checkpoint(accelerator, ckpt, step)
-        accelerator.print(f"interrupted: saved step {step} to {ckpt}; continue with resume=true")
+        save_checkpoint(run)
+        acc.print(f"interrupted: saved step {run.step} to {run.out}; continue with resume=true")
         raise
     finally:
         bar.close()
 
-    _evaluate(accelerator, model, ref_model, tokenizer, eval_pairs, eval_feats, train_pairs, train_feats, ref_eval,
-              cfg, step, out)
-    _save_model(accelerator, model, tokenizer, out)
-    if kernel is not None and accelerator.is_main_process:
-        torch.save(kernel.state_dict(), out / "kernel.pt")
-    return out
+
+def _accumulate(run, task):
+    """Gradients of one global batch, the same on every process: this process's micro-batches under
+    accelerator.accumulate (no sync until the last; accelerator.backward divides by the accumulation
+    steps), then the kernel's gradients averaged across processes."""
+    run.model.train()
+    idx, B = run.my_indices(), run.cfg.per_device_train_batch_size
+    logs = []
+    for micro in range(run.cfg.gradient_accumulation_steps):
+        mb = idx[micro * B:(micro + 1) * B]
+        with run.accelerator.accumulate(run.model):
+            loss, metrics = task.loss(run, mb)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss at step {run.step} (training pairs {mb}); metrics: "
+                    f"{ {k: v.float().mean().item() for k, v in metrics.items()} }. Lower the learning rate "
+                    f"(or beta), or use dtype=fp32; the last checkpoint is in {checkpoint.latest(run.out)}")
+            run.accelerator.backward(loss)
+        logs.append(metrics)
+    if not run.accelerator.sync_gradients:
+        raise RuntimeError("accelerate did not mark the last micro-batch for gradient sync")
+    if run.kernel_optimizer is not None and run.accelerator.num_processes > 1:
+        for p in run.kernel.parameters():  # outside the prepared model: averaged here, as DDP does
+            if p.grad is not None:
+                p.grad = run.accelerator.reduce(p.grad, "mean")
+    return logs
 
 
-def sft(cfg: SFTConfig):
-    """Supervised fine-tuning on prompt + chosen AND prompt + rejected, so that the reference puts mass on
-    both (paper-notes: otherwise rho of a response the reference never produces is mostly noise).
-    Uses lr, batch_size, max_steps, warmup_steps, seed and the model fields of cfg. Returns the folder."""
-    out, accelerator = _start(cfg)
-    model, tokenizer, _, train_feats, _, eval_feats = load_splits(cfg)
-    pad_id, device = tokenizer.pad_token_id, accelerator.device
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
-    for step in tqdm(range(cfg.max_steps), desc="sft", disable=not (cfg.progress and accelerator.is_main_process)):
-        t0 = time.perf_counter()
-        model.train()
-        idx = batch_indices(len(train_feats), cfg.per_device_train_batch_size * world, step, cfg.seed)[rank::world]
-        batch = _batch(train_feats, idx, pad_id, device)
-        loss = models.sft_loss(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite SFT loss at step {step} (training pairs {idx}); lower lr")
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % cfg.logging_steps == 0 and accelerator.is_main_process:
-            _append_jsonl(out / "metrics.jsonl", {"step": step + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                                                  "time/step_s": time.perf_counter() - t0,
-                                                  "memory/peak_mb": peak_memory_mb()})
-    model.eval()
-    with torch.no_grad():
-        batch = _batch(eval_feats, range(min(64, len(eval_feats))), pad_id, device)
-        held_out = models.sft_loss(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"]).item()
-    if accelerator.is_main_process:
-        _append_jsonl(out / "metrics.jsonl", {"step": cfg.max_steps, "eval/loss": held_out})
-    _save_model(accelerator, model, tokenizer, out, merge=True)
-    return out
+def _optimizer_step(run):
+    """Clip the policy's gradients, step both optimisers, then the schedules (once per optimiser step)."""
+    acc = run.accelerator
+    acc.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm)
+    run.optimizer.step()
+    if run.kernel_optimizer is not None:
+        run.kernel_optimizer.step()
+    if not acc.optimizer_step_was_skipped:
+        run.scheduler.step()
+        if run.kernel_scheduler is not None:
+            run.kernel_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.kernel_optimizer is not None:
+        run.kernel_optimizer.zero_grad(set_to_none=True)
 
 
-def _loss_on(mb, model, ref_model, kernel, div, cfg, feats, pad_id, device, ref_w, ref_l, enc, need_ref_logits):
-    batch = _batch(feats, mb, pad_id, device)
-    need_hidden = kernel is not None and enc is None
-    out = batch_forward(model, batch, need_hidden, need_ref_logits)
-    pi_w, pi_l = out["logps"].float().chunk(2)
-    penalty_args = {}
-    if need_ref_logits:
-        with torch.no_grad(), models.reference_context(model, ref_model) as ref:
-            ref_out = batch_forward(ref, batch, False, True)
-        rw, rl = ref_out["logps"].float().chunk(2)
-        penalty_args = dict(pi_logits=out["logits"].float(), ref_logits=ref_out["logits"].float(),
-                            response_mask=out["mask"])
-    else:
-        rw, rl = ref_w[mb].to(device), ref_l[mb].to(device)
-    emb = {}
-    if kernel is not None:
-        e_x, e_w, e_l = models.pair_embeddings(out["hidden"], batch["prompt_mask"], batch["response_mask"]) if enc is None else enc[mb].to(device).unbind(1)
-        emb = dict(kernel=kernel, gamma=cfg.gamma, eta=cfg.eta, e_x=e_x.float(), e_w=e_w.float(), e_l=e_l.float())
-    n_w, n_l = out["n_tokens"].float().chunk(2)
-    loss, metrics = kernel_dpo_loss(pi_w, pi_l, rw, rl, beta=cfg.beta, divergence=div,
-                                    divergence_form=cfg.divergence_form, lam=cfg.lam, loss_type=cfg.loss_type,
-                                    label_smoothing=cfg.label_smoothing, len_w=n_w, len_l=n_l,
-                                    **penalty_args, **emb)
-    metrics["loss"] = loss.detach()
-    return loss.mean(), metrics
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(run):
+    """Save the run's state into OUT/checkpoint-STEP.tmp on every process, then publish it (rename)."""
+    acc, out = run.accelerator, run.out
+    if (out / checkpoint.folder_name(run.step)).exists():
+        return  # this step is already saved (a resumed run at its checkpoint)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        checkpoint.empty_temp_folder(out, run.step)
+    acc.wait_for_everyone()
+    tmp = checkpoint.temp_folder(out, run.step)
+    acc.save_state(str(tmp))
+    if acc.is_main_process and run.kernel is not None:
+        checkpoint.save_kernel(run.kernel, tmp)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        checkpoint.publish(tmp, run.step)
+    acc.wait_for_everyone()
+
+
+def _resume(run):
+    """Load the newest complete checkpoint when cfg.resume (and one exists); else start clean logs."""
+    acc, out = run.accelerator, run.out
+    folder = checkpoint.latest(out) if run.cfg.resume else None
+    if folder is None:
+        if acc.is_main_process:
+            checkpoint.clear_logs(out)
+        acc.wait_for_everyone()
+        return
+    acc.load_state(str(folder))
+    if run.kernel is not None:
+        run.kernel.load_state_dict(load_file(str(folder / "kernel.safetensors")))
+    run.step = checkpoint.step_of(folder)
+    if acc.is_main_process:
+        checkpoint.truncate_logs(out, run.step)
+    acc.wait_for_everyone()
+    acc.print(f"resumed from {folder} (the newest complete checkpoint) at step {run.step}")
+
+
+def _save_model(run, merge=False):
+    """The trained weights (and tokenizer) in OUT/model, gathered with accelerator.get_state_dict (FSDP,
+    DeepSpeed ZeRO-3 shard them); the kernel in OUT/kernel.safetensors + kernel.json."""
+    acc = run.accelerator
+    state = acc.get_state_dict(run.model)
+    if acc.is_main_process:
+        unwrapped = run.unwrapped
+        if merge and models.is_peft(unwrapped):
+            models.merge_lora(unwrapped, inplace=True).save_pretrained(run.out / "model")
+        else:
+            unwrapped.save_pretrained(run.out / "model", state_dict=state)
+        run.tokenizer.save_pretrained(run.out / "model")
+        if run.kernel is not None:
+            checkpoint.save_kernel(run.kernel, run.out)
+    acc.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------- DPO-Kernels
+
+def _divergence(cfg):
+    params = {"renyi": {"order": cfg.order}, "alpha": {"alpha": cfg.alpha}}.get(cfg.divergence, {})
+    return divergences.get(cfg.divergence, **params)
+
+
+def _needs_ref_logits(cfg):
+    div = _divergence(cfg)
+    return cfg.divergence_form == "penalty" or (cfg.divergence_form == "auto" and not div.has_link)
+
+
+def batch_forward(model, batch, need_hidden, need_logits):
+    return models.sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                                 return_hidden=need_hidden, return_logits=need_logits)
+
+
+def encoder_embeddings(pairs, encoder):
+    """Frozen-encoder embeddings of (prompt, chosen, rejected) for every pair: [n, 3, d]."""
+    texts = [t for p in pairs for t in (p.prompt, p.chosen, p.rejected)]
+    return encoder(texts).reshape(len(pairs), 3, -1)
+
+
+class DPOTask:
+    """The DPO-Kernels loss on one micro-batch, and the held-out evaluation between steps."""
+    name = "train"
+
+    def __init__(self, cfg, ref_model, ref_logps, enc, held_out):
+        self.cfg, self.ref_model, self.enc, self.held_out = cfg, ref_model, enc, held_out
+        self.div, self.need_ref_logits = _divergence(cfg), _needs_ref_logits(cfg)
+        self.ref_w, self.ref_l = ref_logps if ref_logps is not None else (None, None)
+
+    def loss(self, run, mb):
+        cfg, device = self.cfg, run.accelerator.device
+        batch = _batch(run.feats, mb, run.pad_id, device)
+        need_hidden = run.kernel is not None and self.enc is None
+        out = batch_forward(run.model, batch, need_hidden, self.need_ref_logits)
+        pi_w, pi_l = out["logps"].float().chunk(2)
+        penalty_args = {}
+        if self.need_ref_logits:  # the unwrapped model: a LoRA reference disables its adapters
+            with torch.no_grad(), models.reference_context(run.unwrapped, self.ref_model) as ref:
+                ref_out = batch_forward(ref, batch, False, True)
+            rw, rl = ref_out["logps"].float().chunk(2)
+            penalty_args = dict(pi_logits=out["logits"].float(), ref_logits=ref_out["logits"].float(),
+                                response_mask=out["mask"])
+        else:
+            rw, rl = self.ref_w[mb].to(device), self.ref_l[mb].to(device)
+        emb = {}
+        if run.kernel is not None:
+            if self.enc is None:
+                e_x, e_w, e_l = models.pair_embeddings(out["hidden"], batch["prompt_mask"], batch["response_mask"])
+            else:
+                e_x, e_w, e_l = self.enc[mb].to(device).unbind(1)
+            emb = dict(kernel=run.kernel, gamma=cfg.gamma, eta=cfg.eta, e_x=e_x.float(), e_w=e_w.float(),
+                       e_l=e_l.float())
+        n_w, n_l = out["n_tokens"].float().chunk(2)
+        loss, metrics = kernel_dpo_loss(pi_w, pi_l, rw, rl, beta=cfg.beta, divergence=self.div,
+                                        divergence_form=cfg.divergence_form, lam=cfg.lam, loss_type=cfg.loss_type,
+                                        label_smoothing=cfg.label_smoothing, len_w=n_w, len_l=n_l,
+                                        **penalty_args, **emb)
+        metrics["loss"] = loss.detach()
+        return loss.mean(), metrics
+
+    def after_step(self, run):
+        if self.cfg.eval_steps and run.step % self.cfg.eval_steps == 0 and run.step < self.cfg.max_steps:
+            self.held_out.run(run)
 
 
 @torch.no_grad()
@@ -307,46 +359,244 @@ def _fit_embeddings(model, ref_model, feats, pad_id, device, enc, n=256):
     return torch.cat(rows)
 
 
-def _summarise(logs, step, scheduler, seconds, kernel):
-    row = {"step": step, "lr": scheduler.get_last_lr()[0], "time/step_s": seconds, "memory/peak_mb": peak_memory_mb()}
+def train(cfg: TrainConfig, ref_model=None):
+    """Train a policy with the DPO-Kernels loss. Returns the output folder (a Path)."""
+    out, accelerator = _start(cfg)
+    model, tokenizer, train_pairs, train_feats, eval_pairs, eval_feats = load_splits(cfg)
+    if ref_model is None and cfg.lora_r == 0:
+        ref_model = models.frozen_copy(model)  # with LoRA the reference is the base, adapters disabled
+    device = accelerator.device
+    model.to(device)
+    if ref_model is not None:
+        ref_model.to(device).eval().requires_grad_(False)
+
+    kernel = kernels.get(cfg.kernel).to(device) if cfg.kernel else None
+    encoder = models.SentenceEncoder() if kernel is not None and cfg.embeddings == "encoder" else None
+    enc_train = encoder_embeddings(train_pairs, encoder) if encoder else None
+    held_out = DPOEvaluation(cfg, accelerator, ref_model, tokenizer, (train_pairs, train_feats), (eval_pairs, eval_feats))
+    ref_logps = None
+    if not _needs_ref_logits(cfg):  # the reference never changes: its log-probs are computed once
+        ref_logps = held_out.reference_logps(model, train_feats, 4 * cfg.per_device_train_batch_size)
+    held_out.precompute_reference(model, ref_logps)
+    if kernel is not None:
+        kernel.fit(_fit_embeddings(model, ref_model, train_feats, tokenizer.pad_token_id, device, enc_train))
+
+    model, optimizer, scheduler, k_opt, k_sched = _optimizers(accelerator, model, cfg, kernel)
+    run = Run(cfg, accelerator, out, model, tokenizer, train_feats, optimizer, scheduler, kernel, k_opt, k_sched)
+    _resume(run)
+    _fit(run, DPOTask(cfg, ref_model, ref_logps, enc_train, held_out))
+    _save_model(run)  # before the final evaluation: an evaluation that fails never costs the run
+    held_out.run(run)
+    _finish_trackers(accelerator)
+    return out
+
+
+# ----------------------------------------------------------------------------- SFT
+
+class SFTTask:
+    """Supervised fine-tuning on prompt + chosen AND prompt + rejected, the mean negative log-likelihood
+    per response token of the whole global batch.
+
+    Each micro-batch's loss is its summed token log-likelihood divided by the token count of the global
+    batch (known from the features before any forward), times world * accumulation steps to undo DDP's
+    and accelerate's averaging: the gradient is that of the global token mean, whatever the split
+    (transformers' Trainer normalises the same way since 4.46, `num_items_in_batch`). On one process
+    without accumulation this is exactly models.sft_loss."""
+    name = "sft"
+
+    def loss(self, run, mb):
+        cfg, acc = run.cfg, run.accelerator
+        size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
+        everyone = batch_indices(len(run.feats), size, run.step, cfg.seed)
+        tokens = sum(len(run.feats[i]["chosen_ids"]) + len(run.feats[i]["rejected_ids"]) for i in everyone)
+        batch = _batch(run.feats, mb, run.pad_id, acc.device)
+        out = models.sequence_logps(run.model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        loss = -out["logps"].sum() / max(tokens, 1) * (acc.num_processes * cfg.gradient_accumulation_steps)
+        return loss, {"loss": loss.detach().reshape(1)}
+
+    def after_step(self, run):
+        pass
+
+
+def sft(cfg: SFTConfig):
+    """Supervised fine-tuning of the reference, so that it puts mass on both responses (paper-notes:
+    otherwise rho of a response the reference never produces is mostly noise). Shares train's loop:
+    accumulation, checkpoints and resume. LoRA adapters are merged into the saved model. Returns the folder."""
+    out, accelerator = _start(cfg)
+    model, tokenizer, _, train_feats, _, eval_feats = load_splits(cfg)
+    model.to(accelerator.device)
+    model, optimizer, scheduler, _, _ = _optimizers(accelerator, model, cfg)
+    run = Run(cfg, accelerator, out, model, tokenizer, train_feats, optimizer, scheduler)
+    _resume(run)
+    _fit(run, SFTTask())
+    _save_model(run, merge=True)
+    write_row(run, "metrics.jsonl", {"step": cfg.max_steps, "eval/loss": held_out_sft_loss(run, eval_feats[:64])})
+    _finish_trackers(accelerator)
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def trackers(cfg):
+    """accelerate's `log_with` for cfg.report_to (TRL's option): "none", "all" (every tracker installed),
+    or comma-separated names such as "tensorboard"; metrics also always go to the JSONL files."""
+    report_to = getattr(cfg, "report_to", "none")
+    names = [n.strip() for n in report_to.split(",") if n.strip() and n.strip() != "none"]
+    if not names or names == ["all"]:
+        return names or None
+    from accelerate.tracking import get_available_trackers
+    available = sorted(str(t) for t in get_available_trackers())
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise ValueError(f"report_to: {', '.join(missing)} not installed (installed trackers: "
+                         f"{', '.join(available) or 'none'}); install it or use report_to=none")
+    return names
+
+
+def _finish_trackers(accelerator):
+    """accelerator.end_training() without its destroy_process_group: one launch may run sft, then train."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
+def summarise(run, logs, seconds):
+    """One metrics row: each per-example metric averaged over the global batch (all processes)."""
+    row = {"step": run.step, "lr": run.scheduler.get_last_lr()[0], "time/step_s": seconds,
+           "memory/peak_mb": peak_memory_mb()}
     for key in logs[0]:
-        row[key] = float(torch.cat([m[key].float().reshape(-1) for m in logs]).mean())
-    if kernel is not None and hasattr(kernel, "weights"):
-        row.update({f"hmk/{k}": v for k, v in kernel.weights().items()})
+        values = run.accelerator.gather(torch.cat([m[key].float().reshape(-1) for m in logs]))
+        row[key] = float(values.mean())
+    if run.kernel is not None and hasattr(run.kernel, "weights"):
+        row.update({f"hmk/{k}": v for k, v in run.kernel.weights().items()})
     return row
 
 
-def _append_jsonl(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+def write_row(run, name, row):
+    """Append a row to OUT/name (main process) and send its numbers to the trackers."""
+    if run.accelerator.is_main_process:
+        checkpoint.append_jsonl(run.out / name, row)
+    numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+    run.accelerator.log({f"{Path(name).stem}/{k}": v for k, v in numbers.items()}, step=row["step"])
 
 
-def _truncate_metrics(path, step):
-    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
-    if path.exists():
-        rows = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+# ----------------------------------------------------------------------------- evaluation on every process
+
+def gathered(accelerator, n, batch_size, fn):
+    """fn(indices) -> tuple of per-item tensors, for items 0..n-1, on every process: accelerate's
+    prepare_data_loader deals the batches out (each process runs as many), gather_for_metrics joins them
+    back in order (dropping the padding of the last round). One process: fn on the batches, in order."""
+    loader = prepare_data_loader(DataLoader(range(n), batch_size=batch_size, collate_fn=list),
+                                 num_processes=accelerator.num_processes, process_index=accelerator.process_index)
+    parts = []
+    for idx in loader:
+        out = accelerator.gather_for_metrics(tuple(t.to(accelerator.device) for t in fn(idx)))
+        parts.append([t.cpu() for t in out])
+    return [torch.cat(column) for column in zip(*parts)]
 
 
-def _save_checkpoint(accelerator, ckpt, step):
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(ckpt))
-    if accelerator.is_main_process:
-        (ckpt / "state.json").write_text(json.dumps({"step": step}))
+def pair_logps(accelerator, model, feats, pad_id, batch_size):
+    """evaluation.pair_logps on every process: ([n], [n]) sequence log-probs of chosen and rejected."""
+    return gathered(accelerator, len(feats), batch_size,
+                    lambda idx: evaluation.pair_logps(model, [feats[i] for i in idx], pad_id, batch_size))
 
 
-def _evaluate(accelerator, model, ref_model, tokenizer, eval_pairs, eval_feats, train_pairs, train_feats, ref_eval,
-              cfg, step, out):
-    """Held-out metrics (and samples), plus accuracy on as many training pairs: the generalisation gap."""
-    if not accelerator.is_main_process:
-        return
-    unwrapped = accelerator.unwrap_model(model)
-    result = evaluation.evaluate(unwrapped, ref_model, tokenizer, eval_pairs, eval_feats, beta=cfg.beta,
-                                 n_generate=cfg.eval_generate, seed=cfg.seed, ref_logps=ref_eval["held_out"])
-    n = len(eval_feats)
-    on_train = evaluation.preference_metrics(unwrapped, ref_model, train_feats[:n], train_pairs[:n], cfg.beta,
-                                             tokenizer.pad_token_id, ref_logps=ref_eval["train"])
-    result["pref/train_accuracy"] = on_train["pref/accuracy"]
-    result["pref/gap"] = on_train["pref/accuracy"] - result["pref/accuracy"]
-    result["step"] = step
-    _append_jsonl(out / "eval.jsonl", result)
+def preference_summary(pw, pl, ref_logps, pairs, beta):
+    """evaluation.preference_metrics from log-probs already computed (and gathered): accuracy of
+    rho_w > rho_l and mean margin beta * (rho_w - rho_l), overall and per family."""
+    rho_w, rho_l = pw - ref_logps[0], pl - ref_logps[1]
+    correct = (rho_w > rho_l).float()
+    result = {"pref/accuracy": correct.mean().item(), "pref/margin": (beta * (rho_w - rho_l)).mean().item()}
+    families = {}
+    for i, p in enumerate(pairs):
+        families.setdefault(p.family or "all", []).append(i)
+    for family, rows in families.items():
+        result[f"pref/accuracy/{family}"] = correct[rows].mean().item()
+    return result
+
+
+SAMPLED = ("reward/policy", "reward/reference", "winrate", "kl")
+
+
+def combine_sampled(parts):
+    """Sampled metrics of several processes' shards, [(result, counts)], as one: each mean weighted by the
+    pairs behind it (counts[""] in all, counts[family] per family); "samples" from the first shard."""
+    if len(parts) == 1:
+        return parts[0][0]
+    out = {"samples": parts[0][0].get("samples", [])}
+    for key in dict.fromkeys(k for result, _ in parts for k in result if k != "samples"):
+        family = next((key[len(b) + 1:] for b in SAMPLED if key.startswith(b + "/")), "")
+        weights = [(counts.get(family, 0), result[key]) for result, counts in parts if key in result]
+        out[key] = sum(w * v for w, v in weights) / sum(w for w, _ in weights)
+    return out
+
+
+class DPOEvaluation:
+    """Held-out metrics of a DPO run, computed on every process (FSDP needs the wrapped model's forward):
+    preference accuracy and margins on held-out pairs and on as many training pairs (the gap), and, with
+    eval_generate, sampled reward, win-rate and KL. Each process samples a contiguous share of the
+    prompts; on one process the numbers are exactly evaluation.evaluate's."""
+
+    def __init__(self, cfg, accelerator, ref_model, tokenizer, train, held_out):
+        self.cfg, self.acc, self.ref_model, self.tokenizer = cfg, accelerator, ref_model, tokenizer
+        (self.train_pairs, self.train_feats), (self.pairs, self.feats) = train, held_out
+        self.ref = {}
+
+    def reference_logps(self, model, feats, batch_size):
+        """The reference's (chosen, rejected) log-probs of feats (model: the policy, for LoRA's reference)."""
+        with models.reference_context(model, self.ref_model) as ref:
+            ref.eval()
+            return pair_logps(self.acc, ref, feats, self.tokenizer.pad_token_id, batch_size)
+
+    def precompute_reference(self, model, train_ref):
+        """The reference never changes: its log-probs of the pairs every evaluation scores, once."""
+        n, bs = len(self.feats), 4 * self.cfg.per_device_train_batch_size
+        self.ref["held_out"] = self.reference_logps(model, self.feats, bs)
+        self.ref["train"] = ((train_ref[0][:n], train_ref[1][:n]) if train_ref is not None
+                             else self.reference_logps(model, self.train_feats[:n], bs))
+
+    def run(self, run):
+        """Evaluate the current policy; the main process appends the row to OUT/eval.jsonl."""
+        cfg, pad_id, n = self.cfg, self.tokenizer.pad_token_id, len(self.feats)
+        run.model.eval()
+        result = preference_summary(*pair_logps(self.acc, run.model, self.feats, pad_id, 32), self.ref["held_out"],
+                                    self.pairs, cfg.beta)
+        if cfg.eval_generate > 0:
+            result.update(self.sampled(run.unwrapped))
+        on_train = preference_summary(*pair_logps(self.acc, run.model, self.train_feats[:n], pad_id, 32),
+                                      self.ref["train"], self.train_pairs[:n], cfg.beta)
+        result["pref/train_accuracy"] = on_train["pref/accuracy"]
+        result["pref/gap"] = on_train["pref/accuracy"] - result["pref/accuracy"]
+        result["step"] = run.step
+        write_row(run, "eval.jsonl", result)
+        return result
+
+    def sampled(self, model):
+        """Reward, win-rate and KL of sampled responses (evaluation.evaluate) on this process's share of
+        the first eval_generate prompts, combined across processes. Sampling needs the whole model on
+        each process (DDP; not FSDP or ZeRO-3)."""
+        n, world, rank = min(self.cfg.eval_generate, len(self.feats)), self.acc.num_processes, self.acc.process_index
+        lo, hi = n * rank // world, n * (rank + 1) // world
+        part = []
+        if hi > lo:
+            pairs, ref = self.pairs[lo:hi], tuple(r[lo:hi] for r in self.ref["held_out"])
+            result = evaluation.evaluate(model, self.ref_model, self.tokenizer, pairs, self.feats[lo:hi],
+                                         beta=self.cfg.beta, n_generate=hi - lo, seed=self.cfg.seed, ref_logps=ref)
+            counts = {"": hi - lo}
+            for p in pairs:
+                counts[p.family or "all"] = counts.get(p.family or "all", 0) + 1
+            part = [({k: v for k, v in result.items() if k == "samples" or k.startswith(SAMPLED)}, counts)]
+        parts = self.acc.gather_for_metrics(part, use_gather_object=True) if world > 1 else part
+        return combine_sampled(parts)
+
+
+@torch.no_grad()
+def held_out_sft_loss(run, feats):
+    """The SFT loss (mean negative log-likelihood per response token) of held-out pairs, on every process."""
+    run.model.eval()
+
+    def per_pair(idx):
+        batch = _batch(feats, idx, run.pad_id, run.accelerator.device)
+        out = models.sequence_logps(run.model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        return (*out["logps"].chunk(2), *out["n_tokens"].chunk(2))
+    w, l, n_w, n_l = gathered(run.accelerator, len(feats), -(-len(feats) // run.accelerator.num_processes), per_pair)
+    return (-torch.cat([w, l]).sum() / torch.cat([n_w, n_l]).sum().clamp_min(1)).item()

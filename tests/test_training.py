@@ -28,30 +28,6 @@ def metric_rows(run):
     return df.drop(columns=[c for c in df if c.startswith(("time/", "memory/"))])
 
 
-def test_a_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path, monkeypatch):
-    kw = dict(max_steps=6, save_steps=3, kernel="hmk", gamma=0.5, eta=0.01)
-    straight = training.train(tiny(tmp_path, "straight", **kw))
-
-    save = training._save_checkpoint
-
-    def save_then_die(accelerator, ckpt, step):
-        save(accelerator, ckpt, step)
-        if step == 3:
-            raise RuntimeError("killed")
-    monkeypatch.setattr(training, "_save_checkpoint", save_then_die)
-    with pytest.raises(RuntimeError, match="killed"):
-        training.train(tiny(tmp_path, "killed", **kw))
-    monkeypatch.setattr(training, "_save_checkpoint", save)
-    resumed = training.train(tiny(tmp_path, "killed", resume=True, **kw))
-
-    a, b = params(straight), params(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.load(straight / "kernel.pt").keys() == torch.load(resumed / "kernel.pt").keys()
-    assert all(torch.equal(x, y) for x, y in zip(torch.load(straight / "kernel.pt").values(),
-                                                  torch.load(resumed / "kernel.pt").values()))
-    pd.testing.assert_frame_equal(metric_rows(straight), metric_rows(resumed))
-
-
 def test_dpo_fits_its_training_pairs_and_writes_what_it_promises(tmp_path):
     # one full batch of 8 pairs, seen every step: the loss on it must fall
     run = training.train(tiny(tmp_path, "dpo", max_steps=12, learning_rate=3e-3, max_train_pairs=8, per_device_train_batch_size=8, eval_generate=4))
@@ -203,3 +179,87 @@ def test_the_quickstart_in_fast_mode_writes_every_table_and_figure(tmp_path):
                  "pair_grid.png", "samples.json"):
         assert (tmp_path / name).exists(), name
     assert (tmp_path / "results.md").read_text().startswith("| variant |")
+
+
+OPTIMIZER_STEP = training._optimizer_step  # the unpatched step (a second patch must not wrap the first)
+
+
+def first_step_gradients(monkeypatch, stage, cfg):
+    """The policy's gradients at the first optimiser step of `stage` (training.sft or training.train)."""
+    grads, step = {}, OPTIMIZER_STEP
+
+    def record(run):
+        if run.step == 0:
+            grads.update({n: p.grad.clone() for n, p in run.unwrapped.named_parameters() if p.grad is not None})
+        step(run)
+    monkeypatch.setattr(training, "_optimizer_step", record)
+    stage(cfg)
+    return grads
+
+
+@pytest.mark.parametrize("stage", ["sft", "train"])
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(tmp_path, monkeypatch, stage):
+    # 2 micro-batches of 4 pairs = 1 batch of 8. Responses of very different lengths, so that SFT's mean per
+    # token of the whole batch differs from the mean of the two micro-batches' means (it must not use those)
+    rows = [{"prompt": f"Count to {i}.", "chosen": " ".join(map(str, range(1 + 3 * i))), "rejected": "No."}
+            for i in range(16)]
+    data = write_rows(tmp_path / "lengths.jsonl", rows)
+    fn = getattr(training, stage)
+    kw = dict(data=str(data), max_train_pairs=0, max_steps=1)
+    whole = first_step_gradients(monkeypatch, fn, tiny(tmp_path, "whole", per_device_train_batch_size=8, **kw))
+    split = first_step_gradients(monkeypatch, fn, tiny(tmp_path, "split", per_device_train_batch_size=4,
+                                                       gradient_accumulation_steps=2, **kw))
+    assert whole.keys() == split.keys() and whole
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-7)
+
+
+def test_training_evaluation_equals_evaluation_evaluate_on_one_process(tmp_path):
+    from kdpo_lab import evaluation, models
+    cfg = tiny(tmp_path, "ev", max_steps=2, eval_generate=4)
+    run = training.train(cfg)
+    reference, tokenizer, train_pairs, train_feats, eval_pairs, eval_feats = loading.load_splits(cfg)
+    policy = models.load_model(run / "model", dtype="fp32")
+    expected = evaluation.evaluate(policy, reference, tokenizer, eval_pairs, eval_feats, beta=cfg.beta, n_generate=4,
+                                   seed=cfg.seed)
+    n = len(eval_feats)
+    on_train = evaluation.preference_metrics(policy, reference, train_feats[:n], train_pairs[:n], cfg.beta,
+                                             tokenizer.pad_token_id)
+    row = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
+    assert row["pref/train_accuracy"] == on_train["pref/accuracy"]
+    assert {k: row[k] for k in expected} == expected
+
+
+def test_metric_rows_also_go_to_accelerates_trackers(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+    logged = []
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, log_kwargs=None: logged.append((step, values)))
+    run = training.train(tiny(tmp_path, "log", max_steps=2))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    sent = [(s, v) for s, v in logged if "metrics/loss" in v]
+    assert [s for s, _ in sent] == [r["step"] for r in rows] == [1, 2]
+    assert all(v["metrics/loss"] == r["loss"] and v["metrics/lr"] == r["lr"] for (_, v), r in zip(sent, rows))
+    assert any("eval/pref/accuracy" in v for _, v in logged)
+
+
+def test_report_to_a_tracker_that_is_not_installed_is_refused_in_one_line(tmp_path):
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+    missing = [str(t) for t in LoggerType if str(t) != "all" and t not in get_available_trackers()]
+    cfg = tiny(tmp_path, "tb", max_steps=1)
+    cfg.report_to = missing[0]  # read with getattr(cfg, "report_to", "none") until TrainConfig has the field
+    with pytest.raises(ValueError, match=f"report_to: {missing[0]} not installed") as info:
+        training.trackers(cfg)
+    assert "\n" not in str(info.value)
+    cfg.report_to = "none"
+    assert training.trackers(cfg) is None
+
+
+def test_the_model_is_written_before_the_final_evaluation(tmp_path, monkeypatch):
+    def broken(self, run):
+        raise RuntimeError("evaluation failed")
+    monkeypatch.setattr(training.DPOEvaluation, "run", broken)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        training.train(tiny(tmp_path, "saved", max_steps=2, kernel="rbf", gamma=0.5))
+    assert (tmp_path / "saved" / "model" / "model.safetensors").exists()
+    assert (tmp_path / "saved" / "kernel.safetensors").exists() and (tmp_path / "saved" / "kernel.json").exists()
