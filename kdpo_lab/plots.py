@@ -66,7 +66,7 @@ def plot_pair_grid(table, value, ax=None, title=None, fmt=".2f"):
 # ---- kernels (notebooks 02 and 04) ------------------------------------------------------------------
 
 def plot_kernel_profiles(kernels, x, v, ax=None, title=None):
-    """K~(x, y) along the great circle y(theta) = cos(theta) x + sin(theta) v_perp, theta in [0, pi]:
+    """K~(x, y) along the great circle y(phi) = cos(phi) x + sin(phi) v_perp, phi in [0, pi]:
     x a direction, v_perp the unit part of v orthogonal to x. kernels: {name: Kernel}, one line each."""
     import numpy as np
     import torch
@@ -79,7 +79,7 @@ def plot_kernel_profiles(kernels, x, v, ax=None, title=None):
     for name, kernel in kernels.items():
         with torch.no_grad():
             ax.plot(np.degrees(theta.numpy()), kernel(x.expand_as(y), y).exp().numpy(), label=name)
-    ax.set(xlabel="angle between x and y (degrees)", ylabel=r"$\tilde K(x, y)$", title=title, ylim=(0, 1.02))
+    ax.set(xlabel=r"angle $\varphi$ between x and y (degrees)", ylabel=r"$\tilde K(x, y)$", title=title, ylim=(0, 1.02))
     ax.legend(fontsize=8)
     return ax
 
