@@ -228,7 +228,7 @@ def _run_colour(row, position):
     return f"C{(row if isinstance(row, (int, np.integer)) else position) % 10}"
 
 
-def plot_alpha_by_layer(tables, ax=None, title="alpha by layer"):
+def plot_alpha_by_layer(tables, ax=None, title=r"$\alpha_{\mathrm{PL}}$ by layer"):
     """alpha of every block layer, one line per run, layers in model order on the x-axis.
 
     tables: {run name: spectra.layer_table}. Reliable layers are filled markers; layers below
@@ -477,7 +477,7 @@ def plot_memory_timeline(timeline, step_ends=(), estimate=None, ax=None, title="
     return ax
 
 
-def plot_delta_alpha(delta, ax=None, title=r"change of $\alpha$ against the baseline, by layer"):
+def plot_delta_alpha(delta, ax=None, title=r"change of $\alpha_{\mathrm{PL}}$ against the baseline, by layer"):
     """delta_alpha = alpha(run) - alpha(baseline) of every block layer (spectra.compare), one line per
     run, layers in model order. Filled markers: both fits reliable; hollow: at least one layer below
     spectra.MIN_RELIABLE_EVALS, a difference of two noisy numbers. Run i gets colour C(i+1), the
