@@ -1,7 +1,7 @@
 """kdpo_lab: kernelized Direct Preference Optimization (DPO-Kernels), tested and explained.
 
 Modules, one idea each: kernels, divergences, losses, selection, data, models, training,
-evaluation, spectra, plots, cli.
+evaluation, spectra, plots, cli; exercises holds the course's check_... helpers.
 """
 import os
 
