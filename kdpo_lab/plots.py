@@ -188,7 +188,7 @@ def plot_convergence(exact, sampled=None, ax=None, title=r"KL$(\pi_\theta \,\|\,
         line, = ax.semilogy(clip(curve), label=f"{key} (exact loss)")
         if sampled is not None and key in sampled:
             ax.semilogy(clip(sampled[key]), "--", color=line.get_color(), label=f"{key} (sampled pairs)")
-    ax.set(xlabel="step", title=title)
+    ax.set(xlabel="step", ylabel="KL (nats, log scale)", title=title)
     ax.legend(fontsize=7)
     return ax
 
