@@ -1,12 +1,13 @@
 # Two commands do everything (see README.md):
 #   make quickstart   build the environment if missing, then train, evaluate and write figures
 #   make test         build the environment if missing, then run pytest and nbval over every notebook
+#   make lab          build the environment if missing, then open the course in JupyterLab at notebooks/
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: quickstart test env clean
+.PHONY: quickstart test lab env clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,6 +21,9 @@ env: $(STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/kdpo quickstart --out outputs/quickstart
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=notebooks
 
 test: $(STAMP)
 	KDPO_FAST=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \

@@ -521,3 +521,80 @@ class SentenceEncoder:
     def pair_embeddings(self, prompts, chosen, rejected):
         """(e_x, e_w, e_l): encoder embeddings of prompts, chosen and rejected responses."""
         return self(prompts), self(chosen), self(rejected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Demonstrations of notebook 08 (LoRA's reference, bf16 log-probs, the memory of a rehearsal)
+
+def dpo_on_batch(model, batch, steps=15, lr=1e-2, beta=0.1):
+    """Plain-DPO AdamW steps on one fixed batch; the policy's and the reference's log-probs after each.
+
+    batch: input_ids, attention_mask, response_mask [2B, T] (data.collate; chosen rows first). `model` is a
+    LoRA (peft) model: its reference is the base with the adapters off (`reference_forward`; anything
+    else raises ValueError there), taken once before the first step. Only the adapters move. Returns a list of
+    `steps` dicts {"policy": [2B], "reference": [2B]} of log pi(y|x) after each step, the reference
+    re-evaluated each time, so notebook 08 can show that it never moves (bitwise, for LoRA).
+    """
+    from kdpo_lab.losses import kernel_dpo_loss
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1; got {steps}")
+    args = (batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    ref_w, ref_l = reference_forward(model, *args)["logps"].chunk(2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    history = []
+    for _ in range(steps):
+        loss, _ = kernel_dpo_loss(*sequence_logps(model, *args)["logps"].chunk(2), ref_w, ref_l, beta=beta)
+        optimizer.zero_grad()
+        loss.mean().backward()
+        optimizer.step()
+        with torch.no_grad():
+            policy = sequence_logps(model, *args)["logps"]
+        history.append({"policy": policy, "reference": reference_forward(model, *args)["logps"]})
+    return history
+
+
+def logp_rounding_error(lengths, vocab_size=32000, reps=3, seed=0):
+    """Error of a summed log-probability log pi(y|x) computed from bf16 logits, in nats.
+
+    For each response length T: `reps` draws of random logits 2 N(0, 1) [T, vocab_size] rounded to
+    bf16 (what a bf16 model outputs) and random tokens y; the exact value is the float64 log-softmax
+    of those same bf16 logits. Returns {"log-softmax in bf16": [...], "log-softmax in fp32
+    (sequence_logps)": [...]}: the mean |error| per length when the log-softmax itself runs in bf16,
+    and when it runs in fp32 as `sequence_logps` does.
+    """
+    if reps < 1 or any(T < 1 for T in lengths):
+        raise ValueError(f"reps and every length must be >= 1; got reps={reps}, lengths={list(lengths)}")
+    g = torch.Generator().manual_seed(seed)
+    out = {"log-softmax in bf16": [], "log-softmax in fp32 (sequence_logps)": []}
+    for T in lengths:
+        err = {key: 0.0 for key in out}
+        for _ in range(reps):
+            logits = (2 * torch.randn(T, vocab_size, generator=g)).bfloat16()
+            y = torch.randint(vocab_size, (T, 1), generator=g)
+            exact = torch.log_softmax(logits.double(), -1).gather(-1, y).sum()
+            for key, dt in zip(out, (torch.bfloat16, torch.float32)):
+                got = torch.log_softmax(logits.to(dt), -1).gather(-1, y).double().sum()
+                err[key] += (got - exact).abs().item() / reps
+        for key in out:
+            out[key].append(err[key])
+    return out
+
+
+def shape_config(model, scale=1.0, vocab_size=32000):
+    """The config whose memory notebook 08 estimates: Llama-2-7B's shape scaled by `scale` for
+    model="llama-7b-shape" (llama_7b_config), otherwise the config of a local folder or hub name."""
+    if model == "llama-7b-shape":
+        return llama_7b_config(scale, vocab_size=vocab_size)
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(model)
+
+
+def memory_row(config, lora_rank, batch, seq_len, gradient_checkpointing):
+    """One row of notebook 08's rehearsal table from memory_estimate (bf16), sizes in MB (2^20 bytes):
+    hidden, layers, tokens T, parameters, "estimate MB", "estimate without LoRA inputs MB"."""
+    est = memory_estimate(config, "bf16", lora_rank=lora_rank, batch=batch, seq_len=seq_len,
+                          gradient_checkpointing=gradient_checkpointing)
+    arch, V, d, L, ff, q, kv = _shape(config)
+    return {"hidden": d, "layers": L, "tokens T": seq_len, "parameters": est["n_params"],
+            "estimate MB": est["total"] / 2**20, "estimate without LoRA inputs MB": (est["total"] - est["lora_inputs"]) / 2**20}

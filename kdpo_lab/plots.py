@@ -66,7 +66,7 @@ def plot_pair_grid(table, value, ax=None, title=None, fmt=".2f"):
 # ---- kernels (notebooks 02 and 04) ------------------------------------------------------------------
 
 def plot_kernel_profiles(kernels, x, v, ax=None, title=None):
-    """K~(x, y) along the great circle y(theta) = cos(theta) x + sin(theta) v_perp, theta in [0, pi]:
+    """K~(x, y) along the great circle y(phi) = cos(phi) x + sin(phi) v_perp, phi in [0, pi]:
     x a direction, v_perp the unit part of v orthogonal to x. kernels: {name: Kernel}, one line each."""
     import numpy as np
     import torch
@@ -79,7 +79,7 @@ def plot_kernel_profiles(kernels, x, v, ax=None, title=None):
     for name, kernel in kernels.items():
         with torch.no_grad():
             ax.plot(np.degrees(theta.numpy()), kernel(x.expand_as(y), y).exp().numpy(), label=name)
-    ax.set(xlabel="angle between x and y (degrees)", ylabel=r"$\tilde K(x, y)$", title=title, ylim=(0, 1.02))
+    ax.set(xlabel=r"angle $\varphi$ between x and y (degrees)", ylabel=r"$\tilde K(x, y)$", title=title, ylim=(0, 1.02))
     ax.legend(fontsize=8)
     return ax
 
@@ -188,7 +188,7 @@ def plot_convergence(exact, sampled=None, ax=None, title=r"KL$(\pi_\theta \,\|\,
         line, = ax.semilogy(clip(curve), label=f"{key} (exact loss)")
         if sampled is not None and key in sampled:
             ax.semilogy(clip(sampled[key]), "--", color=line.get_color(), label=f"{key} (sampled pairs)")
-    ax.set(xlabel="step", title=title)
+    ax.set(xlabel="step", ylabel="KL (nats, log scale)", title=title)
     ax.legend(fontsize=7)
     return ax
 
@@ -228,7 +228,7 @@ def _run_colour(row, position):
     return f"C{(row if isinstance(row, (int, np.integer)) else position) % 10}"
 
 
-def plot_alpha_by_layer(tables, ax=None, title="alpha by layer"):
+def plot_alpha_by_layer(tables, ax=None, title=r"$\alpha_{\mathrm{PL}}$ by layer"):
     """alpha of every block layer, one line per run, layers in model order on the x-axis.
 
     tables: {run name: spectra.layer_table}. Reliable layers are filled markers; layers below
@@ -247,14 +247,32 @@ def plot_alpha_by_layer(tables, ax=None, title="alpha by layer"):
         ax.plot([i for i in x if not ok[i]], alpha[~ok], "o", ms=5, mfc="none", color=colour)
         top = max(top, float(max(alpha[alpha == alpha], default=0)))
     first = next(iter(tables.values()))
-    starts = [i for i, b in enumerate(first["block"]) if i == 0 or b != first["block"].iloc[i - 1]]
-    ax.set_xticks(starts, [f"block {first['block'].iloc[i]}" for i in starts], fontsize=8)
-    ax.set(ylabel=r"$\alpha$ (weightwatcher)", title=title, ylim=(0, max(8, 1.05 * top)),
-           xlim=(-0.5, len(first) - 0.5))
+    _layer_axis(ax, first["block"].to_numpy(), first["module"].to_numpy() if "module" in first else None)
+    ax.set(ylabel=r"$\alpha_{\mathrm{PL}}$ (weightwatcher's alpha)", title=title, ylim=(0, max(8, 1.05 * top)))
     if not all(t["reliable"].all() for t in tables.values()):
         ax.plot([], [], "o", mfc="none", color="grey", label="hollow: too few eigenvalues")
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside the data
     return ax
+
+
+def _short_module(module):
+    """q_proj -> q, gate_proj -> gate, c_attn -> c_attn: the tick label of one layer."""
+    return str(module).removesuffix("_proj")
+
+
+def _layer_axis(ax, blocks, modules=None):
+    """x-axis of a per-layer plot: every layer named by its module (q, k, v, o, gate, up, down) below,
+    the blocks named on a secondary axis on top, a faint line between blocks."""
+    x = list(range(len(blocks)))
+    ax.set_xticks(x, [_short_module(m) for m in modules] if modules is not None else x, rotation=90, fontsize=7)
+    starts = [i for i in x if i == 0 or blocks[i] != blocks[i - 1]]
+    for i in starts[1:]:
+        ax.axvline(i - 0.5, color="grey", lw=0.5, zorder=0)
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([(s + e - 1) / 2 for s, e in zip(starts, starts[1:] + [len(x)])],
+                   [f"block {blocks[i]}" for i in starts], fontsize=8)
+    top.tick_params(length=0)
+    ax.set(xlabel="layer (module within each block)", xlim=(-0.5, len(x) - 0.5))
 
 
 def plot_alpha_and_gap_by_setting(summary, axes=None):
@@ -458,7 +476,7 @@ def plot_memory_timeline(timeline, step_ends=(), estimate=None, ax=None, title="
     return ax
 
 
-def plot_delta_alpha(delta, ax=None, title=r"change of $\alpha$ against the baseline, by layer"):
+def plot_delta_alpha(delta, ax=None, title=r"change of $\alpha_{\mathrm{PL}}$ against the baseline, by layer"):
     """delta_alpha = alpha(run) - alpha(baseline) of every block layer (spectra.compare), one line per
     run, layers in model order. Filled markers: both fits reliable; hollow: at least one layer below
     spectra.MIN_RELIABLE_EVALS, a difference of two noisy numbers. Run i gets colour C(i+1), the
@@ -476,11 +494,9 @@ def plot_delta_alpha(delta, ax=None, title=r"change of $\alpha$ against the base
         ax.plot(x, y, "-", lw=1, alpha=0.7, label=run, color=colour)
         ax.plot(x[ok], y[ok], "o", ms=5, color=colour)
         ax.plot(x[~ok], y[~ok], "o", ms=5, mfc="none", color=colour)
-    blocks = first["block"].to_numpy()
-    starts = [i for i in range(len(blocks)) if i == 0 or blocks[i] != blocks[i - 1]]
-    ax.set_xticks(starts, [f"block {blocks[i]}" for i in starts], fontsize=8)
+    _layer_axis(ax, first["block"].to_numpy(), first["module"].to_numpy() if "module" in first else None)
     if not delta["reliable"].astype(bool).all():
         ax.plot([], [], "o", mfc="none", color="grey", label="hollow: too few eigenvalues")
-    ax.set(ylabel=r"$\Delta\alpha$", title=title, xlim=(-0.5, len(blocks) - 0.5))
-    ax.legend(fontsize=8, ncol=2)
+    ax.set(ylabel=r"$\Delta\alpha_{\mathrm{PL}}$ against the baseline", title=title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside the data
     return ax

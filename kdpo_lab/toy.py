@@ -1,6 +1,6 @@
-"""A tabular DPO toy (notebook 01): one prompt x, K responses, a known reward r.
+"""A tabular DPO toy (notebook 01): one prompt x, n responses, a known reward r.
 
-The policy is a vector of logits theta in R^K, pi_theta(y|x) = softmax(theta)_y, so the "sequence
+The policy is a vector of logits theta in R^n, pi_theta(y|x) = softmax(theta)_y, so the "sequence
 log-prob" of response y is log_softmax(theta)[y]. Preferences follow Bradley-Terry,
     p(y_w > y_l | x) = sigma(r(y_w) - r(y_l)).
 The KL-regularised objective J(pi) = E_pi[r] - beta KL(pi || pi_ref) is maximised by
@@ -15,19 +15,21 @@ import torch.nn.functional as F
 from kdpo_lab.losses import kernel_dpo_loss
 
 
-def make_problem(K=8, seed=0):
-    """A seeded toy: rewards r ~ N(0, 1) and a reference pi_ref = softmax(N(0, 1)), both [K], float64."""
-    if K < 2:
-        raise ValueError(f"the toy needs K >= 2 responses to compare; got K={K}")
+def make_problem(n=8, seed=0):
+    """A seeded toy: rewards r ~ N(0, 1) and a reference pi_ref = softmax(N(0, 1)), both [n], float64.
+
+    n counts responses (docs/notation.md: counts are never K, which is a kernel)."""
+    if n < 2:
+        raise ValueError(f"the toy needs n >= 2 responses to compare; got n={n}")
     g = torch.Generator().manual_seed(seed)
-    r = torch.randn(K, generator=g, dtype=torch.float64)
-    pi_ref = torch.softmax(torch.randn(K, generator=g, dtype=torch.float64), -1)
+    r = torch.randn(n, generator=g, dtype=torch.float64)
+    pi_ref = torch.softmax(torch.randn(n, generator=g, dtype=torch.float64), -1)
     return r, pi_ref
 
 
 def _check(r, pi_ref, beta):
     if r.dim() != 1 or pi_ref.shape != r.shape:
-        raise ValueError(f"r and pi_ref must be 1-D tensors of one shape [K]; got {tuple(r.shape)}, {tuple(pi_ref.shape)}")
+        raise ValueError(f"r and pi_ref must be 1-D tensors of one shape [n]; got {tuple(r.shape)}, {tuple(pi_ref.shape)}")
     if (pi_ref <= 0).any() or abs(pi_ref.sum().item() - 1) > 1e-6:
         raise ValueError("pi_ref must be a strictly positive distribution that sums to 1")
     if not beta > 0:
@@ -59,13 +61,13 @@ def expected_pairs(r):
     """Every ordered pair (y_w, y_l), w != l, with its probability under the data process of sample_pairs.
 
     A distinct pair {i, j} is drawn uniformly and labelled by Bradley-Terry, so the outcome (w, l) has
-    probability 2 sigma(r_w - r_l) / (K (K - 1)). Returns w, l (long [K(K-1)]) and weight (sums to 1).
+    probability 2 sigma(r_w - r_l) / (n (n - 1)), n = len(r). Returns w, l (long [n(n-1)]) and weight (sums to 1).
     """
-    K = len(r)
-    w, l = torch.meshgrid(torch.arange(K), torch.arange(K), indexing="ij")
+    n = len(r)
+    w, l = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
     keep = w != l
     w, l = w[keep], l[keep]
-    weight = 2 * torch.sigmoid(r[w] - r[l]) / (K * (K - 1))
+    weight = 2 * torch.sigmoid(r[w] - r[l]) / (n * (n - 1))
     return w, l, weight
 
 
@@ -76,9 +78,9 @@ def sample_pairs(r, n, seed=0):
     """
     if n < 1:
         raise ValueError(f"n must be >= 1; got {n}")
-    K, g = len(r), torch.Generator().manual_seed(seed)
-    i = torch.randint(K, (n,), generator=g)
-    j = (i + torch.randint(1, K, (n,), generator=g)) % K  # uniform over j != i
+    n_resp, g = len(r), torch.Generator().manual_seed(seed)
+    i = torch.randint(n_resp, (n,), generator=g)
+    j = (i + torch.randint(1, n_resp, (n,), generator=g)) % n_resp  # uniform over j != i
     i_wins = torch.rand(n, generator=g, dtype=r.dtype) < torch.sigmoid(r[i] - r[j])
     return torch.where(i_wins, i, j), torch.where(i_wins, j, i)
 
@@ -90,7 +92,7 @@ def train_dpo(w, l, pi_ref, beta, weight=None, steps=300, lr=0.3):
     theta starts at log pi_ref (pi = pi_ref, as DPO starts from the reference). weight defaults to 1/n
     (the empirical loss of sampled pairs); pass expected_pairs' weight for the exact expected loss.
     The learning rate decays linearly to 0 so that Adam settles at the optimum.
-    Returns the policy after every step: [steps + 1, K].
+    Returns the policy after every step: [steps + 1, n].
     """
     if w.shape != l.shape or w.dim() != 1:
         raise ValueError(f"w and l must be 1-D index tensors of one shape; got {tuple(w.shape)}, {tuple(l.shape)}")

@@ -17,7 +17,7 @@ D = torch.float64
 
 @pytest.mark.parametrize("beta", [0.25, 1.0, 4.0])
 def test_closed_form_optimum_maximises_kl_regularised_objective_among_random_policies(beta):
-    r, pi_ref = toy.make_problem(K=6, seed=1)
+    r, pi_ref = toy.make_problem(n=6, seed=1)
     pi_star = toy.optimal_policy(r, pi_ref, beta)
     g = torch.Generator().manual_seed(0)
     # random policies, from spread out to near pi* (small perturbations of its logits)
@@ -31,20 +31,20 @@ def test_closed_form_optimum_maximises_kl_regularised_objective_among_random_pol
 @pytest.mark.parametrize("beta", [0.25, 1.0, 4.0])
 def test_optimal_value_is_beta_log_partition_function(beta):
     # J(pi*) = beta log Z, Z = E_{pi_ref}[exp(r / beta)]  (Gibbs variational principle)
-    r, pi_ref = toy.make_problem(K=6, seed=2)
+    r, pi_ref = toy.make_problem(n=6, seed=2)
     value = toy.objective(toy.optimal_policy(r, pi_ref, beta), r, pi_ref, beta)
     assert torch.allclose(value, beta * torch.log((pi_ref * torch.exp(r / beta)).sum()))
 
 
 def test_optimum_tends_to_reference_as_beta_grows_and_to_argmax_reward_as_beta_shrinks():
-    r, pi_ref = toy.make_problem(K=6, seed=3)
+    r, pi_ref = toy.make_problem(n=6, seed=3)
     assert torch.allclose(toy.optimal_policy(r, pi_ref, 1e6), pi_ref, atol=1e-5)
     assert torch.allclose(toy.optimal_policy(r, pi_ref, 1e-3), F.one_hot(r.argmax(), 6).to(D), atol=1e-6)
 
 
 def test_reward_is_recovered_from_optimum_up_to_beta_log_partition():
     # r = beta log(pi* / pi_ref) + beta log Z: the constant cancels in every Bradley-Terry difference
-    r, pi_ref = toy.make_problem(K=6, seed=4)
+    r, pi_ref = toy.make_problem(n=6, seed=4)
     beta = 0.7
     implicit = beta * (toy.optimal_policy(r, pi_ref, beta).log() - pi_ref.log())
     log_z = torch.log((pi_ref * torch.exp(r / beta)).sum())
@@ -62,7 +62,7 @@ def test_kl_of_a_distribution_with_itself_is_zero_and_matches_torch_elsewhere():
 # ---------------------------------------------------------------- Bradley-Terry data
 
 def test_bt_sampling_frequencies_match_sigmoid_of_reward_gap():
-    r, _ = toy.make_problem(K=4, seed=5)
+    r, _ = toy.make_problem(n=4, seed=5)
     n = 60_000
     w, l = toy.sample_pairs(r, n, seed=0)
     assert (w != l).all()
@@ -77,7 +77,7 @@ def test_bt_sampling_frequencies_match_sigmoid_of_reward_gap():
 
 
 def test_expected_pairs_weights_are_the_limit_of_sampled_frequencies():
-    r, _ = toy.make_problem(K=4, seed=6)
+    r, _ = toy.make_problem(n=4, seed=6)
     w, l, weight = toy.expected_pairs(r)
     assert torch.allclose(weight.sum(), torch.tensor(1.0, dtype=D))
     n = 60_000
@@ -88,7 +88,7 @@ def test_expected_pairs_weights_are_the_limit_of_sampled_frequencies():
 
 
 def test_bt_matrix_is_complementary():
-    r, _ = toy.make_problem(K=5, seed=7)
+    r, _ = toy.make_problem(n=5, seed=7)
     P = toy.bt_matrix(r)
     assert torch.allclose(P + P.T, torch.ones(5, 5, dtype=D))
     assert torch.allclose(P.diagonal(), torch.full((5,), 0.5, dtype=D))
@@ -98,7 +98,7 @@ def test_bt_matrix_is_complementary():
 
 @pytest.mark.parametrize("beta", [0.25, 1.0, 4.0])
 def test_dpo_on_exact_expected_loss_converges_to_closed_form_optimum(beta):
-    r, pi_ref = toy.make_problem(K=8, seed=0)
+    r, pi_ref = toy.make_problem(n=8, seed=0)
     w, l, weight = toy.expected_pairs(r)
     history = toy.train_dpo(w, l, pi_ref, beta, weight=weight)
     pi_star = toy.optimal_policy(r, pi_ref, beta)
@@ -109,7 +109,7 @@ def test_dpo_on_exact_expected_loss_converges_to_closed_form_optimum(beta):
 
 def test_dpo_on_sampled_pairs_is_the_bradley_terry_maximum_likelihood_fit():
     # peer: fit BT scores r_hat by scipy on the same pairs; DPO's implicit reward beta*rho must match
-    r, pi_ref = toy.make_problem(K=5, seed=8)
+    r, pi_ref = toy.make_problem(n=5, seed=8)
     w, l = toy.sample_pairs(r, 400, seed=2)
     beta = 0.5
     pi = toy.train_dpo(w, l, pi_ref, beta, steps=600)[-1]
@@ -126,7 +126,7 @@ def test_dpo_on_sampled_pairs_is_the_bradley_terry_maximum_likelihood_fit():
 
 def test_tabular_dpo_gradient_is_weighted_difference_of_one_hots():
     # grad_theta log pi(y) = onehot(y) - pi, so grad_theta ell = -beta sigma(-z) (onehot(y_w) - onehot(y_l))
-    r, pi_ref = toy.make_problem(K=6, seed=9)
+    r, pi_ref = toy.make_problem(n=6, seed=9)
     theta = torch.randn(6, dtype=D, requires_grad=True)
     beta, w, l = 0.3, torch.tensor([4]), torch.tensor([1])
     logp = F.log_softmax(theta, -1)
@@ -139,15 +139,15 @@ def test_tabular_dpo_gradient_is_weighted_difference_of_one_hots():
 # ---------------------------------------------------------------- bad input
 
 def test_bad_arguments_raise_value_error():
-    r, pi_ref = toy.make_problem(K=4)
+    r, pi_ref = toy.make_problem(n=4)
     with pytest.raises(ValueError, match="beta"):
         toy.optimal_policy(r, pi_ref, 0.0)
     with pytest.raises(ValueError, match="distribution"):
         toy.optimal_policy(r, 2 * pi_ref, 1.0)
     with pytest.raises(ValueError, match="shape"):
         toy.optimal_policy(r, pi_ref[:3], 1.0)
-    with pytest.raises(ValueError, match="K >= 2"):
-        toy.make_problem(K=1)
+    with pytest.raises(ValueError, match="n >= 2"):
+        toy.make_problem(n=1)
     with pytest.raises(ValueError, match="n must"):
         toy.sample_pairs(r, 0)
     with pytest.raises(ValueError, match="index tensors"):
