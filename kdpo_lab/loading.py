@@ -41,10 +41,14 @@ def read_pairs(cfg, split, limit=0):
 
 def encode(cfg, tokenizer, pairs, report, split):
     """Tokenise pairs; one line on the terminal when rows were skipped or cut, every row's problem in
-    OUTPUT_DIR/data_report.txt. Never fails for dropped rows, only when none is left."""
+    OUTPUT_DIR/data_report.txt. Never fails for dropped rows, only when none is left.
+    `pairs` is updated in place to the pairs that were encoded, so pairs[i] and features[i] stay aligned."""
     features = batching.encode_pairs(pairs, tokenizer, max_length=cfg.max_length,
                                      max_prompt_length=cfg.max_prompt_length, report=report)
     report.n_used = len(features)
+    pairs[:] = [pairs[f["index"]] for f in features]
+    for i, f in enumerate(features):
+        f["index"] = i
     headline = report.headline(cfg.max_length, TOKEN_SHARE)
     if headline:
         path = Path(cfg.output_dir) / "data_report.txt"
