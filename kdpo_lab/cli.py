@@ -26,6 +26,12 @@ EPILOG = """examples:
   kdpo spectra runs/sft runs/dpo runs/dpo_rbf        weightwatcher alphas before and after alignment
 add --debug (or set KDPO_DEBUG=1) to see the traceback behind an error message
 """
+SFT_EPILOG = """examples:
+  kdpo sft configs/sft_tiny.yaml                                  a tiny Llama reference on the synthetic suite
+  kdpo sft configs/sft_tiny.yaml --data my_pairs.jsonl --max-length auto
+  kdpo sft configs/sft_tiny.yaml --resume true                    continue a killed run
+add --debug (or set KDPO_DEBUG=1) to see the traceback behind an error message
+"""
 
 
 class UserError(ValueError):
@@ -55,8 +61,11 @@ def _config_parser(command):
     cls = SFTConfig if command == "sft" else TrainConfig
     text = {"sft": "supervised fine-tuning of the reference on chosen and rejected responses",
             "train": "align a policy with the DPO-Kernels loss"}[command]
-    parser = Parser(cls, prog=f"kdpo {command}", description=text, epilog=EPILOG,
+    parser = Parser(cls, prog=f"kdpo {command}", description=text, epilog=SFT_EPILOG if command == "sft" else EPILOG,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for action in parser._actions:  # argparse formats help with %: escape it, and show each default
+        if action.help:
+            action.help = action.help.replace("%", "%%") + f" [{action.default}]"
     parser.add_argument("config", nargs="?", help=f"a YAML file of {cls.__name__} fields (see configs/); "
                                                   "each --option overrides it")
     parser.add_argument("--debug", action="store_true", help="show the traceback behind an error")
@@ -70,17 +79,21 @@ def parse_config(command, argv):
     parser, cls = _config_parser(command)
     argv = _renamed_options(argv)
     known = {f.name for f in dataclasses.fields(cls)}
-    config = argv[0] if argv and not argv[0].startswith("-") else None
-    if config is not None:
-        values = read_yaml(resolve(config))
-        unknown = set(values) - known
-        if unknown:
-            raise UserError(f"{config}: unknown config keys {sorted(unknown)} (kdpo {command} --help lists the fields)")
-        parser.set_defaults(**values)
-    outputs = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True, look_for_args_file=False)
-    cfg, rest = outputs[0], outputs[-1]
+    first, rest = parser.parse_known_args(argv)  # finds CONFIG.yaml wherever it stands
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if first.config is not None:
+        values = read_yaml(resolve(first.config))
+        unknown = set(values) - known
+        if unknown:
+            raise UserError(f"{first.config}: unknown config keys {sorted(unknown)} (kdpo {command} --help lists "
+                            "the fields)")
+        try:
+            cls(**values)  # the file alone: its mistakes named in its own terms, not as options
+        except ValueError as e:
+            raise UserError(f"{first.config}: {e}") from e
+        parser.set_defaults(**values)
+    cfg, _, _ = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True, look_for_args_file=False)
     return cfg
 
 
@@ -156,9 +169,6 @@ def run(argv):
     """Parse argv and run the command; raises on any error (main turns errors into one line)."""
     if argv and argv[0] in ("sft", "train"):
         command, rest = argv[0], [a for a in argv[1:] if a != "--debug"]
-        if "-h" in rest or "--help" in rest:
-            _config_parser(command)[0].print_help()
-            return 0
         from kdpo_lab import training
         cfg = parse_config(command, rest)
         out = (training.sft if command == "sft" else training.train)(cfg)

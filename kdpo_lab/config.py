@@ -114,7 +114,7 @@ class SFTConfig:
     max_train_pairs: int = _f(0, "use at most this many training pairs (0: all)")
     max_eval_pairs: int = _f(256, "held-out pairs for evaluation during and after training")
     # str because it also takes "auto"; an integer after checking
-    max_length: str = _f(96, "prompt + response tokens (>= 8), or auto: the length that keeps 95%% of the "
+    max_length: str = _f(96, "prompt + response tokens (>= 8), or auto: the length that keeps 95% of the "
                              "training tokens (at most 4096). Longer prompts are cut from the left, then "
                              "responses from the right")
     max_prompt_length: int = _f(64, "prompt tokens kept at most (cut from the left)")
@@ -137,7 +137,7 @@ class SFTConfig:
     per_device_train_batch_size: int = _f(16, "pairs per micro-batch per process")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimisation step")
     max_steps: int = _f(200, "optimisation steps")
-    warmup_steps: int = _f(10, "linear warm-up steps, then cosine decay to 10%% of lr")
+    warmup_steps: int = _f(10, "linear warm-up steps, then cosine decay to 10% of lr")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping")
     seed: int = _f(0, "seeds data order, initialisation and sampling")
