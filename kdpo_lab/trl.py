@@ -15,8 +15,9 @@ Everything else is TRL's: datasets, tokenisation, PEFT (`peft_config=`, referenc
 with rho the policy / reference log-ratio summed over completion tokens (TRL's), s the divergence's
 link score, and e_x, e_w, e_l the policy's own last hidden states mean-pooled over the prompt, the
 chosen and the rejected completion (with gradient). The kernel is calibrated (`Kernel.fit`) on the
-first training batch's embeddings, when the policy still equals the reference; its parameters train
-in their own optimiser group at `kernel_lr`, on the same schedule as the model. The penalty form of a
+first training batch's embeddings (all processes' batches), when the policy still equals the reference;
+its parameters train in their own optimiser group at `kernel_lr`, on the same schedule as the model,
+their gradients averaged across processes. The penalty form of a
 divergence (Wasserstein, or divergence_form="penalty") needs the reference's next-token logits at every
 step, so it needs a reference model (or PEFT) and does not combine with precomputed log-probs.
 
@@ -165,6 +166,17 @@ class KernelDPOTrainer(DPOTrainer):
             optimizer.add_param_group({"params": params, "lr": self.args.kernel_lr, "weight_decay": 0.0})
         return optimizer
 
+    def training_step(self, *args, **kwargs):
+        """TRL's step; with several processes, the kernel's gradients are averaged across them (the kernel is
+        not part of the model that accelerate wraps). Averaging after every micro-batch is exact: the part
+        already averaged is the same on every process."""
+        loss = super().training_step(*args, **kwargs)
+        if self.kernel is not None and self.accelerator.num_processes > 1:
+            for p in self.kernel.parameters():
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, "mean")
+        return loss
+
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)
         if self.kernel is not None and self.args.should_save:
@@ -233,7 +245,7 @@ class KernelDPOTrainer(DPOTrainer):
             prompt_mask = inputs["attention_mask"] * (1 - completion_mask)
             e_x, e_w, e_l = (e.float() for e in models.pair_embeddings(hidden[-1], prompt_mask, completion_mask))
             if not self._kernel_fitted and mode == "train":
-                self.kernel.fit(torch.cat([e_x, e_w, e_l]).detach())
+                self.kernel.fit(self.accelerator.gather(torch.cat([e_x, e_w, e_l]).detach()))  # same fit everywhere
                 self._kernel_fitted = True
             extra.update(kernel=self.kernel, gamma=self.args.gamma, eta=self.args.eta, e_x=e_x, e_w=e_w, e_l=e_l)
         len_w, len_l = completion_mask.sum(dim=1).float().chunk(2, dim=0)
