@@ -87,8 +87,8 @@ class DataReport:
             first = self.problems[0]  # loading's problems come before encoding's
             parts.append(f"{n_bad} malformed rows skipped (first: {first})")
         if cut:
-            parts.append(f"cut to max_length={max_length}: {self.n_prompt_truncated} prompts from the left, "
-                         f"{self.n_response_truncated} with responses from the right")
+            parts.append(f"{self.n_prompt_truncated} prompts cut from the left and {self.n_response_truncated} pairs' "
+                         f"responses from the right to fit max_length={max_length}")
         if self.n_skipped_after_cut:
             parts.append(f"{self.n_skipped_after_cut} skipped (identical once cut)")
         if self.lengths:
