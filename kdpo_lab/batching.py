@@ -57,8 +57,9 @@ def encode_pairs(pairs, tokenizer, max_length=128, max_prompt_length=None, trunc
       DataError; otherwise the prompt keeps max(1, max_length // 2) tokens and the responses are cut
       from the right to fill the rest (their EOS is lost), the row is kept and recorded in
       report.problems and report.n_response_truncated. If the cut responses become identical the
-      row is skipped.
-    report: pass the loader's DataReport to add these counts and problems to it.
+      row is skipped (report.n_skipped_after_cut).
+    report: pass the loader's DataReport to add these counts, problems and the untruncated lengths
+        (prompt + response tokens of every sequence, report.lengths) to it.
     Returns features for `collate`; "index" is the pair's position in `pairs`.
     """
     if truncation not in ("left", "right"):
@@ -84,6 +85,7 @@ def encode_pairs(pairs, tokenizer, max_length=128, max_prompt_length=None, trunc
         file, _, row = p.source.rpartition(":") if p.source else ("<pairs>", "", "")
         file, row = file or p.source, int(row) if row.isdigit() else i + 1
         x, yw, yl = prompts[i], chosen[i] + [eos], rejected[i] + [eos]
+        report.lengths += [len(x) + len(yw), len(x) + len(yl)]
         L = max(len(yw), len(yl))
         if L > max_length - 1:
             longer = "chosen" if len(yw) >= len(yl) else "rejected"
@@ -95,6 +97,7 @@ def encode_pairs(pairs, tokenizer, max_length=128, max_prompt_length=None, trunc
             if yw == yl:
                 report.problems.append(Problem(file, row, "rejected", "identical to 'chosen' after truncation; "
                                                                       "row skipped"))
+                report.n_skipped_after_cut += 1
                 continue
         keep = min(len(x), max_length - max(len(yw), len(yl)), max_prompt_length or len(x))
         if keep < len(x):

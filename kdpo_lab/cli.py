@@ -1,11 +1,16 @@
 """The `kdpo` command: quickstart, generate-data, sft, train, eval, demo, spectra.
 
-Every training option is a field of `kdpo_lab.config.TrainConfig`; a YAML file in configs/ sets
-them and `--field value` on the command line overrides the file. `kdpo train --help` lists them all.
+Every training option is a field of `kdpo_lab.config.SFTConfig` (`kdpo sft`) or `TrainConfig`
+(`kdpo train`); `transformers.HfArgumentParser` turns the fields into options. A YAML file sets
+them and `--field value` on the command line overrides the file: `kdpo train CONFIG.yaml --beta 0.2`.
+
+A user's mistake (bad data under --strict, a bad option or config value, a missing file or model) is
+one line on stderr and exit code 2, without a traceback; `--debug` (or KDPO_DEBUG=1) shows it.
 """
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,46 +19,90 @@ EPILOG = """examples:
   kdpo sft configs/sft_tiny.yaml                    the reference: a tiny Llama SFT on the synthetic suite
   kdpo train configs/dpo_tiny.yaml --kernel rbf --gamma 0.5 --divergence js
   kdpo train configs/dpo_tiny.yaml --resume true    continue a killed run where it stopped
+  kdpo train configs/dpo_tiny.yaml --data my_pairs.jsonl --max-length auto
   accelerate launch -m kdpo_lab.cli train configs/llama7b_lora.yaml --model PATH_OR_HUB_NAME
-  kdpo eval runs/dpo --n-generate 200               held-out accuracy, KL to the reference, exact rewards
+  kdpo eval runs/dpo --n-generate 200               held-out accuracy, margins, KL, lengths (rewards on the suite)
+  kdpo eval runs/dpo --data my_pairs.jsonl --reward-model PATH_OR_HUB_NAME
   kdpo spectra runs/sft runs/dpo runs/dpo_rbf        weightwatcher alphas before and after alignment
+add --debug (or set KDPO_DEBUG=1) to see the traceback behind an error message
+"""
+SFT_EPILOG = """examples:
+  kdpo sft configs/sft_tiny.yaml                                  a tiny Llama reference on the synthetic suite
+  kdpo sft configs/sft_tiny.yaml --data my_pairs.jsonl --max-length auto
+  kdpo sft configs/sft_tiny.yaml --resume true                    continue a killed run
+add --debug (or set KDPO_DEBUG=1) to see the traceback behind an error message
 """
 
 
-def _bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+class UserError(ValueError):
+    """A mistake the user can fix; printed as one line."""
 
 
-def _config_class(command):
+class _OneLineErrors:
+    """argparse errors as one line (`kdpo train: error: ...`) raised as UserError, not usage + exit."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+class _Parser(_OneLineErrors, argparse.ArgumentParser):
+    pass
+
+
+def _config_parser(command):
+    """An HfArgumentParser over SFTConfig (sft) or TrainConfig (train), with a positional CONFIG.yaml."""
+    from transformers import HfArgumentParser
+
     from kdpo_lab.config import SFTConfig, TrainConfig
-    return SFTConfig if command == "sft" else TrainConfig
+
+    class Parser(_OneLineErrors, HfArgumentParser):
+        pass
+
+    cls = SFTConfig if command == "sft" else TrainConfig
+    text = {"sft": "supervised fine-tuning of the reference on chosen and rejected responses",
+            "train": "align a policy with the DPO-Kernels loss"}[command]
+    parser = Parser(cls, prog=f"kdpo {command}", description=text, epilog=SFT_EPILOG if command == "sft" else EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    for action in parser._actions:  # argparse formats help with %: escape it, and show each default
+        if action.help:
+            action.help = action.help.replace("%", "%%") + f" [{action.default}]"
+    parser.add_argument("config", nargs="?", help=f"a YAML file of {cls.__name__} fields (see configs/); "
+                                                  "each --option overrides it")
+    parser.add_argument("--debug", action="store_true", help="show the traceback behind an error")
+    return parser, cls
 
 
-def _add_config_args(parser, command):
-    cls = _config_class(command)
-    parser.add_argument("config", nargs="?", help=f"a YAML file of {cls.__name__} fields (see configs/)")
-    group = parser.add_argument_group("options (each overrides the YAML file; default in brackets)")
-    for f in dataclasses.fields(cls):
-        kind = {bool: _bool, int: int, float: float}.get(f.type, str)
-        text = f"{f.metadata['help']} [{f.default}]".replace("%", "%%")
-        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
-                           metavar={int: "N", float: "X", bool: "BOOL"}.get(f.type, "TEXT"), help=text)
+def parse_config(command, argv):
+    """(SFTConfig or TrainConfig) from `[CONFIG.yaml] [--field value ...]`: YAML first, then the options."""
+    from kdpo_lab.config import read_yaml, resolve
 
-
-def _config(args):
-    cls = _config_class(args.command)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
-    return cls.from_yaml(args.config, **overrides) if args.config else cls(**overrides)
+    parser, cls = _config_parser(command)
+    argv = _renamed_options(argv)
+    known = {f.name for f in dataclasses.fields(cls)}
+    first, rest = parser.parse_known_args(argv)  # finds CONFIG.yaml wherever it stands
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if first.config is not None:
+        values = read_yaml(resolve(first.config))
+        unknown = set(values) - known
+        if unknown:
+            raise UserError(f"{first.config}: unknown config keys {sorted(unknown)} (kdpo {command} --help lists "
+                            "the fields)")
+        try:
+            cls(**values)  # the file alone: its mistakes named in its own terms, not as options
+        except ValueError as e:
+            raise UserError(f"{first.config}: {e}") from e
+        parser.set_defaults(**values)
+    cfg, _, _ = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True, look_for_args_file=False)
+    return cfg
 
 
 def _renamed_options(argv):
     """argv with old option names (--lr, --batch-size, ...) replaced by TRL's, with a notice for each."""
     from kdpo_lab.config import RENAMED
-    old = {f"--{o.replace('_', '-')}": f"--{n.replace('_', '-')}" for o, n in RENAMED.items()}
+    old = {}
+    for o, n in RENAMED.items():
+        old[f"--{o}"] = old[f"--{o.replace('_', '-')}"] = f"--{n.replace('_', '-')}"
     out = []
     for arg in argv:
         name, eq, value = arg.partition("=")
@@ -64,11 +113,12 @@ def _renamed_options(argv):
     return out
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
+def _main_parser():
+    parser = _Parser(
         prog="kdpo", description="Kernelized Direct Preference Optimization (DPO-Kernels): train, evaluate, analyse.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true", help="show the traceback behind an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("quickstart", help="the main job: SFT + 4 aligned variants + evaluation + figures, on CPU")
     p.add_argument("--out", default="outputs/quickstart", help="folder for runs, tables and figures [%(default)s]")
@@ -79,16 +129,19 @@ def main(argv=None):
     p.add_argument("--n-train", type=int, default=2000, help="training pairs per family [%(default)s]")
     p.add_argument("--seed", type=int, default=0, help="generator seed [%(default)s]")
 
-    for name, text in (("sft", "supervised fine-tuning of the reference on chosen and rejected responses"),
-                       ("train", "align a policy with the DPO-Kernels loss")):
-        p = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        _add_config_args(p, name)
+    sub.add_parser("sft", help="supervised fine-tuning of the reference on chosen and rejected responses",
+                   add_help=False)
+    sub.add_parser("train", help="align a policy with the DPO-Kernels loss", add_help=False)
 
-    p = sub.add_parser("eval", help="evaluate a trained run against its reference")
+    p = sub.add_parser("eval", help="evaluate a trained run against its reference, on any preference data")
     p.add_argument("run", help="a run folder written by `kdpo train`")
-    p.add_argument("--n-generate", type=int, default=128, help="prompts to sample for reward, win-rate, KL [%(default)s]")
+    p.add_argument("--n-generate", type=int, default=128, help="prompts to sample for KL, lengths, reward, win-rate "
+                                                               "[%(default)s]")
     p.add_argument("--split", default="test", help="data split [%(default)s]")
+    p.add_argument("--data", default=None, help="preference data to evaluate on [the run's own data]")
+    p.add_argument("--reward-model", default=None, metavar="PATH_OR_HUB_NAME",
+                   help="a sequence-classification reward model: adds reward and win-rate on any data")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens sampled per response [%(default)s]")
 
     p = sub.add_parser("demo", help="the math on a toy batch: every kernel x divergence pair, table and plots")
     p.add_argument("--out", default="outputs/demo", help="output folder [%(default)s]")
@@ -109,8 +162,19 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", help="run folders (each with model/) or model folders")
     p.add_argument("--out", default="outputs/spectra", help="output folder [%(default)s]")
     p.add_argument("--baseline", default=None, help="run to compare against, by name or folder [the first run]")
+    return parser
 
-    args = parser.parse_args(_renamed_options(sys.argv[1:] if argv is None else list(argv)))
+
+def run(argv):
+    """Parse argv and run the command; raises on any error (main turns errors into one line)."""
+    if argv and argv[0] in ("sft", "train"):
+        command, rest = argv[0], [a for a in argv[1:] if a != "--debug"]
+        from kdpo_lab import training
+        cfg = parse_config(command, rest)
+        out = (training.sft if command == "sft" else training.train)(cfg)
+        print(f"done: {out}")
+        return 0
+    args = _main_parser().parse_args(argv)
     if args.command == "quickstart":
         from kdpo_lab import quickstart
         quickstart.run(Path(args.out), fast=args.fast or None)
@@ -118,14 +182,11 @@ def main(argv=None):
         from kdpo_lab import suite
         suite.generate_suite(args.out, n_train=args.n_train, seed=args.seed)
         print(f"wrote {args.out}")
-    elif args.command in ("sft", "train"):
-        from kdpo_lab import training
-        cfg = _config(args)
-        out = (training.sft if args.command == "sft" else training.train)(cfg)
-        print(f"done: {out}")
     elif args.command == "eval":
         from kdpo_lab import runs
-        result = runs.evaluate_run(Path(args.run), split=args.split, n_generate=args.n_generate)
+        result = runs.evaluate_run(Path(args.run), runs.EvalRequest(
+            split=args.split, n_generate=args.n_generate, data=args.data, reward_model=args.reward_model,
+            max_new_tokens=args.max_new_tokens))
         print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
     elif args.command == "demo":
         from kdpo_lab import quickstart
@@ -136,6 +197,39 @@ def main(argv=None):
         transformers.utils.logging.disable_progress_bar()  # one "Loading weights" bar per run says nothing here
         spectra_runs.analyse_runs([Path(r) for r in args.runs], Path(args.out), baseline=args.baseline)
     return 0
+
+
+USER_ERRORS = (ValueError, FloatingPointError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, OSError)
+"""What a user's mistake raises in kdpo_lab and the libraries under it (DataError is a ValueError; transformers
+raises OSError for a model path or hub name it cannot find)."""
+
+
+def main(argv=None):
+    """The `kdpo` entry point: run the command; a user's error is one line on stderr and exit code 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("KDPO_DEBUG", "") not in ("", "0")
+    if "--debug" in argv and argv[0] not in ("sft", "train"):
+        argv = [a for a in argv if a != "--debug"]
+    try:
+        return run(argv)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def one_line(error):
+    """The first line of an error's message (transformers' OSErrors run to several), with its type for OSErrors."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, OSError) and not isinstance(error, (FileNotFoundError, PermissionError)):
+        return f"{text} (a model path or hub name that cannot be loaded here?)"
+    if isinstance(error, FileNotFoundError) and error.filename:
+        return f"no such file or directory: {error.filename}"
+    return text
 
 
 if __name__ == "__main__":

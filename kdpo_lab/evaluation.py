@@ -4,8 +4,11 @@
   beta * (rho_w - rho_l) (TRL's rewards/accuracies and rewards/margins).
 * KL(pi || pi_ref), estimated by Monte Carlo on sampled responses: KL = E_{y ~ pi}[log pi(y|x) -
   log pi_ref(y|x)] (sequence level, unbiased; not the DPO margin relabelled as KL).
+* Response lengths (tokens) of the policy's and the reference's samples.
 * Ground-truth reward of sampled responses (the suite's exact reward functions, no judge model) for the
-  policy and for the reference, and the win-rate P(r(y_pi) > r(y_ref)) + P(tie)/2, per family.
+  policy and for the reference, and the win-rate P(r(y_pi) > r(y_ref)) + P(tie)/2, per family; only on
+  the suite's rows. On any data, the same reward and win-rate from a sequence-classification reward
+  model when one is given (rm/*). `evaluate` lists what it could not compute under "unavailable".
 """
 from collections import defaultdict
 
@@ -84,12 +87,59 @@ def sequence_logps_of(model, prompt_ids, response_ids, pad_id, batch_size=32):
     return torch.cat(result)
 
 
-def evaluate(model, ref_model, tokenizer, pairs, feats, beta, n_generate=0, seed=0, max_new_tokens=32, ref_logps=None):
-    """Preference metrics; with n_generate > 0 also KL(pi || pi_ref), exact rewards and win-rate per family.
+class RewardModel:
+    """A sequence-classification reward model (a local folder or a hub name): score(pairs, responses)
+    -> [n] rewards, the first logit of "rendered prompt + response". The prompt is rendered with the
+    reward model's own chat template when it has one (batching.render_prompt), so a chat-tuned reward
+    model sees what it was trained on."""
+
+    def __init__(self, name_or_path, batch_size=16, max_length=1024):
+        from transformers import AutoModelForSequenceClassification
+        self.name = str(name_or_path)
+        self.tokenizer = models.load_tokenizer(name_or_path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path).eval()
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.batch_size, self.max_length = batch_size, max_length
+
+    @torch.no_grad()
+    def score(self, pairs, responses):
+        texts = [batching.render_prompt(p, self.tokenizer) + y for p, y in zip(pairs, responses)]
+        device = next(self.model.parameters()).device
+        scores = []
+        for i in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
+                                   truncation=True, max_length=self.max_length).to(device)
+            scores.append(self.model(**batch).logits[:, 0].float().cpu())
+        return torch.cat(scores)
+
+
+def is_suite(pairs):
+    """True when every pair is a row of the synthetic suite (a known family and its meta): exact rewards exist."""
+    return all(p.family in suite.FAMILIES and p.meta for p in pairs)
+
+
+def win_rate(r_pi, r_ref):
+    """P(r(y_pi) > r(y_ref)) + P(tie) / 2 per prompt: [n]."""
+    return (r_pi > r_ref).float() + 0.5 * (r_pi == r_ref).float()
+
+
+def evaluate(model, ref_model, tokenizer, pairs, feats, beta, n_generate=0, seed=0, max_new_tokens=32, ref_logps=None,
+             reward_model=None):
+    """Metrics of a policy against its reference, on any preference data:
+    - always: preference accuracy and implicit reward margins (pref/*);
+    - with n_generate > 0, on sampled responses: KL(pi || pi_ref) (Monte Carlo, sequence level),
+      response lengths in tokens (length/*), and rewards and win-rate: exact ones (reward/*, winrate)
+      when the pairs are the suite's, a reward model's (rm/*) when `reward_model` is given
+      (a RewardModel or a path / hub name).
+    result["unavailable"] names each metric that could not be computed, and why.
     ref_logps: precomputed reference (chosen, rejected) log-probs of `feats`, if any."""
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     result = preference_metrics(model, ref_model, feats, pairs, beta, pad_id, ref_logps=ref_logps)
+    unavailable = {}
     if n_generate <= 0:
+        unavailable["kl, length/*, reward/*, winrate, rm/*"] = "no responses sampled (n_generate = 0)"
+        result["unavailable"] = unavailable
         return result
     pairs, feats = pairs[:n_generate], feats[:n_generate]
     prompts = [f["prompt_ids"] for f in feats]
@@ -100,16 +150,33 @@ def evaluate(model, ref_model, tokenizer, pairs, feats, beta, n_generate=0, seed
     pi_logp = sequence_logps_of(model, prompts, y_pi, pad_id)
     text_pi = tokenizer.batch_decode(y_pi, skip_special_tokens=True)
     text_ref = tokenizer.batch_decode(y_ref, skip_special_tokens=True)
-    r_pi = torch.tensor([suite.reward(p, t) for p, t in zip(pairs, text_pi)])
-    r_ref = torch.tensor([suite.reward(p, t) for p, t in zip(pairs, text_ref)])
-    win = (r_pi > r_ref).float() + 0.5 * (r_pi == r_ref).float()
-    result.update({"kl": (pi_logp - ref_logp).mean().item(), "reward/policy": r_pi.mean().item(),
-                   "reward/reference": r_ref.mean().item(), "winrate": win.mean().item()})
-    for family, rows in _by_family(pairs).items():
-        result[f"reward/policy/{family}"] = r_pi[rows].mean().item()
-        result[f"reward/reference/{family}"] = r_ref[rows].mean().item()
-        result[f"winrate/{family}"] = win[rows].mean().item()
-        result[f"kl/{family}"] = (pi_logp - ref_logp)[rows].mean().item()
+    kl = pi_logp - ref_logp
+    result.update({"kl": kl.mean().item(), "length/policy": sum(map(len, y_pi)) / len(y_pi),
+                   "length/reference": sum(map(len, y_ref)) / len(y_ref), "n_generated": len(y_pi)})
+    groups = _by_family(pairs)
+    for family, rows in groups.items():
+        result[f"kl/{family}"] = kl[rows].mean().item()
+    if is_suite(pairs):
+        r_pi = torch.tensor([suite.reward(p, t) for p, t in zip(pairs, text_pi)])
+        r_ref = torch.tensor([suite.reward(p, t) for p, t in zip(pairs, text_ref)])
+        win = win_rate(r_pi, r_ref)
+        result.update({"reward/policy": r_pi.mean().item(), "reward/reference": r_ref.mean().item(),
+                       "winrate": win.mean().item()})
+        for family, rows in groups.items():
+            result[f"reward/policy/{family}"] = r_pi[rows].mean().item()
+            result[f"reward/reference/{family}"] = r_ref[rows].mean().item()
+            result[f"winrate/{family}"] = win[rows].mean().item()
+    else:
+        unavailable["reward/*, winrate"] = ("exact rewards exist only for the bundled suite's rows (family and meta); "
+                                            "give a reward model (kdpo eval --reward-model) for rm/*")
+    if reward_model is not None:
+        rm = reward_model if isinstance(reward_model, RewardModel) else RewardModel(reward_model)
+        s_pi, s_ref = rm.score(pairs, text_pi), rm.score(pairs, text_ref)
+        result.update({"rm/model": rm.name, "rm/reward_policy": s_pi.mean().item(),
+                       "rm/reward_reference": s_ref.mean().item(), "rm/winrate": win_rate(s_pi, s_ref).mean().item()})
+    else:
+        unavailable["rm/*"] = "no reward model given (kdpo eval --reward-model PATH_OR_HUB_NAME)"
+    result["unavailable"] = unavailable
     result["samples"] = [{"prompt": p.prompt, "policy": a, "reference": b} for p, a, b in
                          zip(pairs[:8], text_pi[:8], text_ref[:8])]
     return result

@@ -10,6 +10,7 @@ name for users with internet. Formats, detected from the first record's keys:
              or the `prompt` field (string or message list) when chosen holds only that turn
   sharegpt   `conversations`: a list of {"from", "value"} turns ending with the user's turn, plus
              chosen / rejected as {"from": "gpt", "value": ...} dicts or strings (LLaMA-Factory)
+Numeric score_chosen / score_rejected fields (UltraFeedback-binarized) are kept in `pair.meta`.
 Each bad row becomes a `Problem` naming file, row and field; strict=True raises `DataError` on
 the first one, strict=False skips the row and records it in the `DataReport`.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 from kdpo_lab.pairs import DataError, DataReport, PreferencePair, Problem
 
 FORMATS = ("text", "hh", "messages", "sharegpt")
+SCORE_FIELDS = ("score_chosen", "score_rejected")  # kept in pair.meta when a row has them (ODPO offsets)
 
 
 class _Bad(Exception):
@@ -333,7 +335,11 @@ def _parse(record, fmt):
         meta = {}
     if not isinstance(meta, dict):
         raise _Bad("meta", f"expected an object, got {_describe(meta)}")
-    pair.family, pair.meta = family, meta
+    scores = {k: record[k] for k in SCORE_FIELDS if k in record}
+    for k, v in scores.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise _Bad(k, f"expected a number, got {_describe(v)}")
+    pair.family, pair.meta = family, {**meta, **scores}
     return pair
 
 

@@ -1,5 +1,6 @@
 """Preference data: the synthetic suite and its exact rewards, loaders, validation, tokenisation."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -370,3 +371,94 @@ def test_bad_tokenisation_arguments_raise_value_errors(tokenizer):
         batching.encode_pairs(pair, tokenizer, max_length=1)
     with pytest.raises(ValueError, match="pad_id"):
         batching.collate(batching.encode_pairs(pair, tokenizer), pad_id=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real files: long multi-turn conversations cut or skipped with one summary line, never a crash
+
+def long_multi_turn_rows(n=24, seed=0):
+    """Multi-turn conversations built from the suite's text, responses of 60-400 words, some pairs an
+    edited answer (same opening, different ending) that becomes identical once cut, in the four formats."""
+    import random
+    rng = random.Random(seed)
+    sentences = [p.chosen for p in suite.load_suite("train", limit=400)[0]]
+
+    def para(words):
+        out = []
+        while sum(len(s.split()) for s in out) < words:
+            out.append(rng.choice(sentences))
+        return " ".join(out)
+    rows = {fmt: [] for fmt in formats.FORMATS}
+    for i in range(n):
+        turns = [("user", para(20)), ("assistant", para(40)), ("user", para(10))]
+        chosen = para(rng.randint(60, 400))
+        rejected = chosen[: len(chosen) * 2 // 3] + " " + para(30) if i % 4 == 0 else para(rng.randint(60, 400))
+        name = {"user": "Human", "assistant": "Assistant"}
+        transcript = "".join(f"\n\n{name[r]}: {t}" for r, t in turns)
+        rows["text"].append({"prompt": transcript.strip(), "chosen": chosen, "rejected": rejected})
+        rows["hh"].append({"chosen": f"{transcript}\n\nAssistant: {chosen}", "rejected": f"{transcript}\n\nAssistant: {rejected}"})
+        rows["messages"].append({"prompt": [{"role": r, "content": t} for r, t in turns],
+                                 "chosen": [{"role": "assistant", "content": chosen}],
+                                 "rejected": [{"role": "assistant", "content": rejected}]})
+        rows["sharegpt"].append({"conversations": [{"from": {"user": "human", "assistant": "gpt"}[r], "value": t}
+                                                   for r, t in turns],
+                                 "chosen": {"from": "gpt", "value": chosen}, "rejected": {"from": "gpt", "value": rejected}})
+    return rows
+
+
+@pytest.mark.parametrize("fmt", formats.FORMATS)
+def test_long_multi_turn_files_encode_with_one_summary_line_and_every_row_in_a_report_file(tmp_path, capsys, fmt):
+    from kdpo_lab import loading
+    from kdpo_lab.config import TrainConfig
+    path = _jsonl(tmp_path / f"{fmt}.jsonl", long_multi_turn_rows()[fmt])
+    cfg = TrainConfig(data=str(path), output_dir=str(tmp_path / "run"), max_length=64, max_prompt_length=32)
+    pairs, report = loading.read_pairs(cfg, "train")
+    n_read = len(pairs)
+    tok = _tokenizer()
+    feats = loading.encode(cfg, tok, pairs, report, "train")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and "skipped (identical once cut)" in lines[0] and "keeps 95% of tokens" in lines[0]
+    assert 0 < report.n_skipped_after_cut < n_read - len(feats) + 1 and len(feats) == len(pairs) < n_read
+    assert all(len(f["prompt_ids"]) + max(len(f["chosen_ids"]), len(f["rejected_ids"])) <= 64 for f in feats)
+    assert [f["index"] for f in feats] == list(range(len(pairs)))  # pairs updated in place, aligned with features
+    detail = (tmp_path / "run" / "data_report.txt").read_text()
+    assert detail.count("responses truncated from the right") >= report.n_response_truncated > 0
+
+
+def test_the_length_that_keeps_95_percent_of_tokens_is_the_smallest_such_cut():
+    from kdpo_lab.pairs import length_for_token_share
+    assert length_for_token_share([10] * 19 + [1000]) == 941  # 190 + M >= 0.95 * 1190
+    assert length_for_token_share([7, 7, 7], share=1.0) == 7
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        lengths = torch.randint(1, 60, (int(torch.randint(1, 15, (1,), generator=gen)),), generator=gen).tolist()
+        brute = next(m for m in range(1, 61) if sum(min(n, m) for n in lengths) >= 0.95 * sum(lengths))
+        assert length_for_token_share(lengths, 0.95) == brute
+
+
+def test_max_length_auto_keeps_95_percent_of_the_training_tokens(tmp_path):
+    from kdpo_lab import loading
+    from kdpo_lab.config import TrainConfig
+    path = _jsonl(tmp_path / "text.jsonl", long_multi_turn_rows()["text"])
+    cfg = TrainConfig(data=str(path), output_dir=str(tmp_path / "run"), max_length="auto")
+    pairs, _ = loading.read_pairs(cfg, "train")
+    tok = _tokenizer()
+    max_length, max_prompt = loading.auto_lengths(cfg, tok, pairs)
+    whole = batching.encode_pairs(pairs, tok, max_length=10**9)
+    cut = batching.encode_pairs(pairs, tok, max_length=max_length, max_prompt_length=max_prompt)
+    tokens = lambda feats: sum(len(f["prompt_ids"]) * 2 + len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in feats)  # noqa: E731
+    assert tokens(cut) >= 0.9 * tokens(whole) and max_prompt <= max_length // 2
+
+
+def test_score_fields_are_kept_and_become_odpo_offsets(tmp_path):
+    from kdpo_lab import loading
+    from kdpo_lab.config import TrainConfig
+    path = _jsonl(tmp_path / "s.jsonl", [{**GOOD, "score_chosen": 8.0, "score_rejected": 6.0},
+                                         {**GOOD, "score_chosen": 5, "score_rejected": 5},
+                                         {**GOOD, "score_chosen": "high", "score_rejected": 1}])
+    pairs, report = formats.load_pairs(path)
+    assert [p.meta["score_chosen"] for p in pairs] == [8.0, 5] and "field 'score_chosen'" in str(report.problems[0])
+    cfg = TrainConfig(offset=0.5, odpo_alpha=2.0)
+    delta = loading.pair_offsets(cfg, pairs)
+    assert torch.allclose(delta, torch.tensor([0.5 + 2.0 * math.log(2.0), 0.5 + 2.0 * math.log(1e-3)]))
+    assert loading.pair_offsets(TrainConfig(), pairs) is None
