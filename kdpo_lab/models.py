@@ -467,7 +467,8 @@ def pooled_embeddings(hidden, mask):
 def pair_embeddings(hidden, prompt_mask, response_mask):
     """(e_x, e_w, e_l) for a [2B] batch with chosen rows first (data.collate's layout):
     e_x = pool(prompt of the chosen row), e_w = pool(chosen response), e_l = pool(rejected response).
-    Each [B, H], with gradient (paper-notes section 4)."""
+    Each [B, H], with gradient: the policy's own embeddings (our choice; the paper's code used a frozen
+    encoder under no_grad, which gives the kernel term no gradient)."""
     n = hidden.shape[0]
     if n % 2:
         raise ValueError(f"expected 2B rows (chosen first, then rejected), got {n}")

@@ -18,7 +18,7 @@ Other per-layer metrics, as weightwatcher defines them (log = log10):
     log_spectral_norm = log lambda_max                (log of ||W||_2^2)
     stable_rank       = sum_i lambda_i / lambda_max
 
-Bands (paper notes, section 7; the same edges as weightwatcher's warnings):
+Bands (the reading of Das et al. 2025's HT-SR section; the same edges as weightwatcher's warnings):
     alpha < 2  over-fit risk  |  2 <= alpha < 4  well trained  |  4 <= alpha <= 6  weakly trained  |
     alpha > 6  under-trained (a random matrix's ESD is Marchenko-Pastur: large fitted alpha).
 
@@ -363,7 +363,7 @@ def bands(table):
 
     Returns {"<2": f, "2-4": f, "4-6": f, ">6": f, "2-6": f, "n <2": k, ..., "n_reliable": n,
     "n_layers": L}; the four fractions sum to 1 (all NaN when no layer is reliable). "2-6" is the
-    healthy range of paper notes section 7 (= "2-4" + "4-6")."""
+    healthy range the paper reads (= "2-4" + "4-6")."""
     alpha = table.loc[table["reliable"], "alpha"].to_numpy(dtype=float)
     labels = band_of(alpha) if len(alpha) else np.array([], dtype=str)
     out = {}

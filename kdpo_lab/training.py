@@ -419,8 +419,8 @@ class SFTTask:
 
 
 def sft(cfg: SFTConfig):
-    """Supervised fine-tuning of the reference, so that it puts mass on both responses (paper-notes:
-    otherwise rho of a response the reference never produces is mostly noise). Shares train's loop:
+    """Supervised fine-tuning of the reference, so that it puts mass on both responses (otherwise
+    rho of a response the reference never produces is mostly noise). Shares train's loop:
     accumulation, checkpoints and resume. LoRA adapters are merged into the saved model. Returns the folder."""
     out, accelerator = _start(cfg)
     model, tokenizer, _, train_feats, _, eval_feats = load_splits(cfg)

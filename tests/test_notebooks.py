@@ -108,11 +108,8 @@ def test_course_notebook_has_two_or_three_checked_exercises_and_a_solutions_note
     assert all(re.search(r"exercises\.(check_\w+)\(", source(c)).group(1) in solved for c in checks)
 
 
-# Being rewritten by another helper of issue 11 (its "paper-notes" citations go with the rewrite); empty at merge.
-PENDING_REWRITE = {"04_hybrid_loss_and_hmk.ipynb"}
 
 
 def test_no_notebook_cites_notes_a_reader_does_not_have():
-    cited = [n for n in ALL if n not in PENDING_REWRITE
-             and re.search(r"paper[- ]notes", (NOTEBOOKS / n).read_text(), flags=re.I)]
+    cited = [n for n in ALL if re.search(r"paper[- ]notes", (NOTEBOOKS / n).read_text(), flags=re.I)]
     assert not cited, f"cite the paper's own sections instead: {cited}"
