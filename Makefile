@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: quickstart test lab env clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0

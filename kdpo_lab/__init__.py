@@ -48,3 +48,10 @@ def wall_time():
     seconds = time.perf_counter() - _started
     print(f"wall time: {int(seconds // 60)} min {seconds % 60:.0f} s ({'fast' if fast_mode() else 'full'} mode)")
     return seconds
+
+
+def package_root():
+    """The folder that holds data/ and configs/: the checkout, or the installed package's `_assets`."""
+    from pathlib import Path
+    here = Path(__file__).resolve().parent
+    return here / "_assets" if (here / "_assets" / "configs").is_dir() else here.parent

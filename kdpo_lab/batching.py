@@ -150,3 +150,8 @@ def collate(features, pad_id):
     labels = torch.where(response_mask.bool(), input_ids, torch.full_like(input_ids, -100))
     return {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_mask": prompt_mask,
             "response_mask": response_mask, "labels": labels}
+
+
+def device_batch(features, idx, pad_id, device):
+    """collate of features[i] for i in idx, every tensor moved to `device`."""
+    return {k: v.to(device) for k, v in collate([features[i] for i in idx], pad_id).items()}

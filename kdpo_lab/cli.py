@@ -172,7 +172,8 @@ def run(argv):
         from kdpo_lab import training
         cfg = parse_config(command, rest)
         out = (training.sft if command == "sft" else training.train)(cfg)
-        print(f"done: {out}")
+        if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
+            print(f"done: {out}")
         return 0
     args = _main_parser().parse_args(argv)
     if args.command == "quickstart":

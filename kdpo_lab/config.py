@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from kdpo_lab import divergences, kernels
+from kdpo_lab import divergences, kernels, package_root
 from kdpo_lab.losses import LOSS_TYPES
 
 CONFIG_MODELS = ("tiny-llama", "tiny-gpt2", "llama-7b-shape")
@@ -142,6 +142,7 @@ class SFTConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping")
     seed: int = _f(0, "seeds data order, initialisation and sampling")
     logging_steps: int = _f(10, "steps between metric lines")
+    report_to: str = _f("none", "where metrics also go, as in TRL: none, all, or comma-separated trackers (tensorboard, wandb, ...); needs the tracker installed")
     save_steps: int = _f(50, "steps between checkpoints")
     resume: bool = _f(False, "continue from OUT/checkpoint if it exists")
     progress: bool = _f(True, "show a progress bar")
@@ -263,12 +264,6 @@ class TrainConfig(SFTConfig):
         """Keyword arguments of divergences.get(self.divergence, ...): order / alpha, then divergence_params."""
         own = {"renyi": {"order": self.order}, "alpha": {"alpha": self.alpha}}.get(self.divergence, {})
         return {**own, **self.divergence_params}
-
-
-def package_root():
-    """The folder that holds data/ and configs/: the checkout, or the installed package's `_assets`."""
-    here = Path(__file__).resolve().parent
-    return here / "_assets" if (here / "_assets" / "configs").is_dir() else here.parent
 
 
 def shipped_configs():

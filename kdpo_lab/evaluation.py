@@ -43,6 +43,12 @@ def preference_metrics(model, ref_model, feats, pairs, beta, pad_id, ref_logps=N
     if ref_logps is None:
         with models.reference_context(model, ref_model) as ref:
             ref_logps = pair_logps(ref, feats, pad_id, batch_size)
+    return preference_summary(pw, pl, ref_logps, pairs, beta)
+
+
+def preference_summary(pw, pl, ref_logps, pairs, beta):
+    """preference_metrics from log-probs already computed: pw, pl the policy's and ref_logps the
+    reference's (chosen, rejected) sequence log-probs, [n] each."""
     rho_w, rho_l = pw - ref_logps[0], pl - ref_logps[1]
     correct = (rho_w > rho_l).float()
     result = {"pref/accuracy": correct.mean().item(), "pref/margin": (beta * (rho_w - rho_l)).mean().item()}

@@ -1,7 +1,7 @@
 """Run folders written by `kdpo sft` / `kdpo train`: read one back and evaluate it (`kdpo eval RUN`).
 
 A run folder holds config.yaml (the TrainConfig it ran with), model/ (weights and tokenizer),
-metrics.jsonl, eval.jsonl and checkpoint/.
+metrics.jsonl, eval.jsonl, kdpo_run.json (the folder's format) and checkpoint-NNNNNN/ folders.
 """
 import json
 from dataclasses import dataclass

@@ -24,11 +24,12 @@ import random
 import re
 from pathlib import Path
 
+from kdpo_lab import package_root
 from kdpo_lab.formats import load_pairs
 from kdpo_lab.pairs import SPLITS, PreferencePair
 
 FAMILIES = ("factuality", "safety", "reasoning", "instruction")
-SUITE_DIR = Path(__file__).resolve().parent.parent / "data" / "suite"  # the shipped suite (repo checkout)
+SUITE_DIR = package_root() / "data" / "suite"  # the shipped suite (a checkout's data/, or the installed package's)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,12 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.data_loader import prepare_data_loader
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from kdpo_lab import batching, checkpoint, divergences, evaluation, kernels, models
+from kdpo_lab import batching, checkpoint, divergences, kernels, loading, models
+from kdpo_lab.held_out import DPOEvaluation, held_out_sft_loss
 from kdpo_lab.config import SFTConfig, TrainConfig  # noqa: F401  (notebooks import TrainConfig from here)
 from kdpo_lab.loading import load_splits
 from kdpo_lab.losses import kernel_dpo_loss
@@ -74,11 +73,6 @@ def batch_indices(n, batch, step, seed):
     epoch, k = divmod(step, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return order[k * batch:(k + 1) * batch].tolist()
-
-
-def _batch(feats, idx, pad_id, device):
-    """The collated [chosen; rejected] batch of pairs `idx`, on `device`."""
-    return {k: v.to(device) for k, v in batching.collate([feats[i] for i in idx], pad_id).items()}
 
 
 # ----------------------------------------------------------------------------- the run and its loop
@@ -124,12 +118,17 @@ def _start(cfg):
     checkpoint.check_folder(out, cfg.resume)
     if accelerator.is_main_process:
         checkpoint.prepare_folder(out, cfg.resume)
-        cfg.save(out / "config.yaml")
-    accelerator.wait_for_everyone()
+    _save_config(accelerator, cfg, out)
     set_seed(cfg.seed)
     if accelerator.log_with:
         accelerator.init_trackers("kdpo_lab", config=dataclasses.asdict(cfg))
     return out, accelerator
+
+
+def _save_config(accelerator, cfg, out):
+    if accelerator.is_main_process:
+        cfg.save(out / "config.yaml")
+    accelerator.wait_for_everyone()
 
 
 def _optimizers(accelerator, model, cfg, kernel=None):
@@ -234,7 +233,7 @@ def save_checkpoint(run):
     tmp = checkpoint.temp_folder(out, run.step)
     acc.save_state(str(tmp))
     if acc.is_main_process and run.kernel is not None:
-        checkpoint.save_kernel(run.kernel, tmp)
+        checkpoint.save_kernel(run.kernel, tmp, run.cfg.kernel_params)
     acc.wait_for_everyone()
     if acc.is_main_process:
         checkpoint.publish(tmp, run.step)
@@ -273,15 +272,14 @@ def _save_model(run, merge=False):
             unwrapped.save_pretrained(run.out / "model", state_dict=state)
         run.tokenizer.save_pretrained(run.out / "model")
         if run.kernel is not None:
-            checkpoint.save_kernel(run.kernel, run.out)
+            checkpoint.save_kernel(run.kernel, run.out, run.cfg.kernel_params)
     acc.wait_for_everyone()
 
 
 # ----------------------------------------------------------------------------- DPO-Kernels
 
 def _divergence(cfg):
-    params = {"renyi": {"order": cfg.order}, "alpha": {"alpha": cfg.alpha}}.get(cfg.divergence, {})
-    return divergences.get(cfg.divergence, **params)
+    return divergences.get(cfg.divergence, **cfg.divergence_kwargs())
 
 
 def _needs_ref_logits(cfg):
@@ -304,14 +302,14 @@ class DPOTask:
     """The DPO-Kernels loss on one micro-batch, and the held-out evaluation between steps."""
     name = "train"
 
-    def __init__(self, cfg, ref_model, ref_logps, enc, held_out):
-        self.cfg, self.ref_model, self.enc, self.held_out = cfg, ref_model, enc, held_out
+    def __init__(self, cfg, ref_model, ref_logps, enc, held_out, offsets=None):
+        self.cfg, self.ref_model, self.enc, self.held_out, self.offsets = cfg, ref_model, enc, held_out, offsets
         self.div, self.need_ref_logits = _divergence(cfg), _needs_ref_logits(cfg)
         self.ref_w, self.ref_l = ref_logps if ref_logps is not None else (None, None)
 
     def loss(self, run, mb):
         cfg, device = self.cfg, run.accelerator.device
-        batch = _batch(run.feats, mb, run.pad_id, device)
+        batch = batching.device_batch(run.feats, mb, run.pad_id, device)
         need_hidden = run.kernel is not None and self.enc is None
         out = batch_forward(run.model, batch, need_hidden, self.need_ref_logits)
         pi_w, pi_l = out["logps"].float().chunk(2)
@@ -336,13 +334,15 @@ class DPOTask:
         loss, metrics = kernel_dpo_loss(pi_w, pi_l, rw, rl, beta=cfg.beta, divergence=self.div,
                                         divergence_form=cfg.divergence_form, lam=cfg.lam, loss_type=cfg.loss_type,
                                         label_smoothing=cfg.label_smoothing, len_w=n_w, len_l=n_l,
+                                        length_normalize=cfg.length_normalize,
+                                        offset=None if self.offsets is None else self.offsets[mb].to(device),
                                         **penalty_args, **emb)
         metrics["loss"] = loss.detach()
         return loss.mean(), metrics
 
     def after_step(self, run):
         if self.cfg.eval_steps and run.step % self.cfg.eval_steps == 0 and run.step < self.cfg.max_steps:
-            self.held_out.run(run)
+            write_row(run, "eval.jsonl", self.held_out.run(run))
 
 
 @torch.no_grad()
@@ -353,7 +353,7 @@ def _fit_embeddings(model, ref_model, feats, pad_id, device, enc, n=256):
     rows = []
     with models.reference_context(model, ref_model) as ref:
         for i in range(0, min(n, len(feats)), 32):
-            batch = _batch(feats, range(i, min(i + 32, len(feats))), pad_id, device)
+            batch = batching.device_batch(feats, range(i, min(i + 32, len(feats))), pad_id, device)
             out = batch_forward(ref, batch, True, False)
             rows.extend(t.float() for t in models.pair_embeddings(out["hidden"], batch["prompt_mask"], batch["response_mask"]))
     return torch.cat(rows)
@@ -363,6 +363,7 @@ def train(cfg: TrainConfig, ref_model=None):
     """Train a policy with the DPO-Kernels loss. Returns the output folder (a Path)."""
     out, accelerator = _start(cfg)
     model, tokenizer, train_pairs, train_feats, eval_pairs, eval_feats = load_splits(cfg)
+    _save_config(accelerator, cfg, out)  # again: load_splits resolved max_length "auto"
     if ref_model is None and cfg.lora_r == 0:
         ref_model = models.frozen_copy(model)  # with LoRA the reference is the base, adapters disabled
     device = accelerator.device
@@ -370,7 +371,7 @@ def train(cfg: TrainConfig, ref_model=None):
     if ref_model is not None:
         ref_model.to(device).eval().requires_grad_(False)
 
-    kernel = kernels.get(cfg.kernel).to(device) if cfg.kernel else None
+    kernel = kernels.get(cfg.kernel, **cfg.kernel_params).to(device) if cfg.kernel else None
     encoder = models.SentenceEncoder() if kernel is not None and cfg.embeddings == "encoder" else None
     enc_train = encoder_embeddings(train_pairs, encoder) if encoder else None
     held_out = DPOEvaluation(cfg, accelerator, ref_model, tokenizer, (train_pairs, train_feats), (eval_pairs, eval_feats))
@@ -384,9 +385,9 @@ def train(cfg: TrainConfig, ref_model=None):
     model, optimizer, scheduler, k_opt, k_sched = _optimizers(accelerator, model, cfg, kernel)
     run = Run(cfg, accelerator, out, model, tokenizer, train_feats, optimizer, scheduler, kernel, k_opt, k_sched)
     _resume(run)
-    _fit(run, DPOTask(cfg, ref_model, ref_logps, enc_train, held_out))
+    _fit(run, DPOTask(cfg, ref_model, ref_logps, enc_train, held_out, loading.pair_offsets(cfg, train_pairs)))
     _save_model(run)  # before the final evaluation: an evaluation that fails never costs the run
-    held_out.run(run)
+    write_row(run, "eval.jsonl", held_out.run(run))
     _finish_trackers(accelerator)
     return out
 
@@ -409,7 +410,7 @@ class SFTTask:
         size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
         everyone = batch_indices(len(run.feats), size, run.step, cfg.seed)
         tokens = sum(len(run.feats[i]["chosen_ids"]) + len(run.feats[i]["rejected_ids"]) for i in everyone)
-        batch = _batch(run.feats, mb, run.pad_id, acc.device)
+        batch = batching.device_batch(run.feats, mb, run.pad_id, acc.device)
         out = models.sequence_logps(run.model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
         loss = -out["logps"].sum() / max(tokens, 1) * (acc.num_processes * cfg.gradient_accumulation_steps)
         return loss, {"loss": loss.detach().reshape(1)}
@@ -424,6 +425,7 @@ def sft(cfg: SFTConfig):
     accumulation, checkpoints and resume. LoRA adapters are merged into the saved model. Returns the folder."""
     out, accelerator = _start(cfg)
     model, tokenizer, _, train_feats, _, eval_feats = load_splits(cfg)
+    _save_config(accelerator, cfg, out)  # again: load_splits resolved max_length "auto"
     model.to(accelerator.device)
     model, optimizer, scheduler, _, _ = _optimizers(accelerator, model, cfg)
     run = Run(cfg, accelerator, out, model, tokenizer, train_feats, optimizer, scheduler)
@@ -440,7 +442,7 @@ def sft(cfg: SFTConfig):
 def trackers(cfg):
     """accelerate's `log_with` for cfg.report_to (TRL's option): "none", "all" (every tracker installed),
     or comma-separated names such as "tensorboard"; metrics also always go to the JSONL files."""
-    report_to = getattr(cfg, "report_to", "none")
+    report_to = cfg.report_to
     names = [n.strip() for n in report_to.split(",") if n.strip() and n.strip() != "none"]
     if not names or names == ["all"]:
         return names or None
@@ -477,126 +479,3 @@ def write_row(run, name, row):
         checkpoint.append_jsonl(run.out / name, row)
     numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
     run.accelerator.log({f"{Path(name).stem}/{k}": v for k, v in numbers.items()}, step=row["step"])
-
-
-# ----------------------------------------------------------------------------- evaluation on every process
-
-def gathered(accelerator, n, batch_size, fn):
-    """fn(indices) -> tuple of per-item tensors, for items 0..n-1, on every process: accelerate's
-    prepare_data_loader deals the batches out (each process runs as many), gather_for_metrics joins them
-    back in order (dropping the padding of the last round). One process: fn on the batches, in order."""
-    loader = prepare_data_loader(DataLoader(range(n), batch_size=batch_size, collate_fn=list),
-                                 num_processes=accelerator.num_processes, process_index=accelerator.process_index)
-    parts = []
-    for idx in loader:
-        out = accelerator.gather_for_metrics(tuple(t.to(accelerator.device) for t in fn(idx)))
-        parts.append([t.cpu() for t in out])
-    return [torch.cat(column) for column in zip(*parts)]
-
-
-def pair_logps(accelerator, model, feats, pad_id, batch_size):
-    """evaluation.pair_logps on every process: ([n], [n]) sequence log-probs of chosen and rejected."""
-    return gathered(accelerator, len(feats), batch_size,
-                    lambda idx: evaluation.pair_logps(model, [feats[i] for i in idx], pad_id, batch_size))
-
-
-def preference_summary(pw, pl, ref_logps, pairs, beta):
-    """evaluation.preference_metrics from log-probs already computed (and gathered): accuracy of
-    rho_w > rho_l and mean margin beta * (rho_w - rho_l), overall and per family."""
-    rho_w, rho_l = pw - ref_logps[0], pl - ref_logps[1]
-    correct = (rho_w > rho_l).float()
-    result = {"pref/accuracy": correct.mean().item(), "pref/margin": (beta * (rho_w - rho_l)).mean().item()}
-    families = {}
-    for i, p in enumerate(pairs):
-        families.setdefault(p.family or "all", []).append(i)
-    for family, rows in families.items():
-        result[f"pref/accuracy/{family}"] = correct[rows].mean().item()
-    return result
-
-
-SAMPLED = ("reward/policy", "reward/reference", "winrate", "kl")
-
-
-def combine_sampled(parts):
-    """Sampled metrics of several processes' shards, [(result, counts)], as one: each mean weighted by the
-    pairs behind it (counts[""] in all, counts[family] per family); "samples" from the first shard."""
-    if len(parts) == 1:
-        return parts[0][0]
-    out = {"samples": parts[0][0].get("samples", [])}
-    for key in dict.fromkeys(k for result, _ in parts for k in result if k != "samples"):
-        family = next((key[len(b) + 1:] for b in SAMPLED if key.startswith(b + "/")), "")
-        weights = [(counts.get(family, 0), result[key]) for result, counts in parts if key in result]
-        out[key] = sum(w * v for w, v in weights) / sum(w for w, _ in weights)
-    return out
-
-
-class DPOEvaluation:
-    """Held-out metrics of a DPO run, computed on every process (FSDP needs the wrapped model's forward):
-    preference accuracy and margins on held-out pairs and on as many training pairs (the gap), and, with
-    eval_generate, sampled reward, win-rate and KL. Each process samples a contiguous share of the
-    prompts; on one process the numbers are exactly evaluation.evaluate's."""
-
-    def __init__(self, cfg, accelerator, ref_model, tokenizer, train, held_out):
-        self.cfg, self.acc, self.ref_model, self.tokenizer = cfg, accelerator, ref_model, tokenizer
-        (self.train_pairs, self.train_feats), (self.pairs, self.feats) = train, held_out
-        self.ref = {}
-
-    def reference_logps(self, model, feats, batch_size):
-        """The reference's (chosen, rejected) log-probs of feats (model: the policy, for LoRA's reference)."""
-        with models.reference_context(model, self.ref_model) as ref:
-            ref.eval()
-            return pair_logps(self.acc, ref, feats, self.tokenizer.pad_token_id, batch_size)
-
-    def precompute_reference(self, model, train_ref):
-        """The reference never changes: its log-probs of the pairs every evaluation scores, once."""
-        n, bs = len(self.feats), 4 * self.cfg.per_device_train_batch_size
-        self.ref["held_out"] = self.reference_logps(model, self.feats, bs)
-        self.ref["train"] = ((train_ref[0][:n], train_ref[1][:n]) if train_ref is not None
-                             else self.reference_logps(model, self.train_feats[:n], bs))
-
-    def run(self, run):
-        """Evaluate the current policy; the main process appends the row to OUT/eval.jsonl."""
-        cfg, pad_id, n = self.cfg, self.tokenizer.pad_token_id, len(self.feats)
-        run.model.eval()
-        result = preference_summary(*pair_logps(self.acc, run.model, self.feats, pad_id, 32), self.ref["held_out"],
-                                    self.pairs, cfg.beta)
-        if cfg.eval_generate > 0:
-            result.update(self.sampled(run.unwrapped))
-        on_train = preference_summary(*pair_logps(self.acc, run.model, self.train_feats[:n], pad_id, 32),
-                                      self.ref["train"], self.train_pairs[:n], cfg.beta)
-        result["pref/train_accuracy"] = on_train["pref/accuracy"]
-        result["pref/gap"] = on_train["pref/accuracy"] - result["pref/accuracy"]
-        result["step"] = run.step
-        write_row(run, "eval.jsonl", result)
-        return result
-
-    def sampled(self, model):
-        """Reward, win-rate and KL of sampled responses (evaluation.evaluate) on this process's share of
-        the first eval_generate prompts, combined across processes. Sampling needs the whole model on
-        each process (DDP; not FSDP or ZeRO-3)."""
-        n, world, rank = min(self.cfg.eval_generate, len(self.feats)), self.acc.num_processes, self.acc.process_index
-        lo, hi = n * rank // world, n * (rank + 1) // world
-        part = []
-        if hi > lo:
-            pairs, ref = self.pairs[lo:hi], tuple(r[lo:hi] for r in self.ref["held_out"])
-            result = evaluation.evaluate(model, self.ref_model, self.tokenizer, pairs, self.feats[lo:hi],
-                                         beta=self.cfg.beta, n_generate=hi - lo, seed=self.cfg.seed, ref_logps=ref)
-            counts = {"": hi - lo}
-            for p in pairs:
-                counts[p.family or "all"] = counts.get(p.family or "all", 0) + 1
-            part = [({k: v for k, v in result.items() if k == "samples" or k.startswith(SAMPLED)}, counts)]
-        parts = self.acc.gather_for_metrics(part, use_gather_object=True) if world > 1 else part
-        return combine_sampled(parts)
-
-
-@torch.no_grad()
-def held_out_sft_loss(run, feats):
-    """The SFT loss (mean negative log-likelihood per response token) of held-out pairs, on every process."""
-    run.model.eval()
-
-    def per_pair(idx):
-        batch = _batch(feats, idx, run.pad_id, run.accelerator.device)
-        out = models.sequence_logps(run.model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-        return (*out["logps"].chunk(2), *out["n_tokens"].chunk(2))
-    w, l, n_w, n_l = gathered(run.accelerator, len(feats), -(-len(feats) // run.accelerator.num_processes), per_pair)
-    return (-torch.cat([w, l]).sum() / torch.cat([n_w, n_l]).sum().clamp_min(1)).item()

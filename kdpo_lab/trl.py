@@ -148,10 +148,7 @@ class KernelDPOTrainer(DPOTrainer):
         self.kernel = None
         self._kernel_fitted = False
         if cfg.kernel:
-            params = dict(cfg.kernel_params)
-            if cfg.kernel in ("mahalanobis", "hmk"):
-                params.setdefault("dim", self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size)
-            self.kernel = kernels.get(cfg.kernel, **params).to(self.args.device)
+            self.kernel = kernels.get(cfg.kernel, **cfg.kernel_params).to(self.args.device)
         if self.penalty and self.ref_model is None and not models.is_peft(self.model):
             raise ValueError(f"the penalty form of {cfg.divergence!r} needs the reference's logits at every step: pass "
                              "ref_model=... (or train a PEFT adapter), and leave precompute_ref_log_probs off")

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from itertools import combinations
 from pathlib import Path
 
