@@ -40,6 +40,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from kdpo_lab import divergences, kernels, sweep_stats
+from kdpo_lab.sweep_table import collect, write_table
 from kdpo_lab.config import SFTConfig, TrainConfig
 
 
@@ -229,11 +230,12 @@ def run_job(job, processes):
     return job, time.perf_counter() - t0, None
 
 
-def execute(cfg, total=None):
+def execute(cfg):
     """Run the sweep to its end: jobs as they become runnable, `processes` at a time, the table rewritten
-    after each. Returns the names of failed jobs."""
+    after each; a progress bar with an ETA over jobs. Returns the names of failed jobs."""
     started, failed = set(), []
-    bar = tqdm(total=total, desc="sweep runs", unit="run")
+    total, done = count_jobs(cfg)
+    bar = tqdm(total=total, initial=done, desc="sweep jobs", unit="job", dynamic_ncols=True)
     with ThreadPoolExecutor(max(1, cfg.processes)) as pool:
         running = set()
         while True:
@@ -253,66 +255,28 @@ def execute(cfg, total=None):
                     failed.append(job.name)
                     tqdm.write(f"failed: {job.name}: {error}")
                 bar.update(1)
-            write_table(cfg)
+            write_table(cfg.out, cfg.table)
     bar.close()
     return failed
-
-
-def count_jobs(cfg):
-    """Jobs of the whole sweep (references, learning-rate runs, seed runs), done ones included."""
-    n_refs = 1 if cfg.shared_reference else len({cfg.lr_seed, *cfg.seeds})
-    return n_refs + len(variants(cfg)) * (len(cfg.learning_rates) + len(cfg.seeds))
-
-
-# ----------------------------------------------------------------------------- the table
-
-def read_run(folder, variant):
-    """Rows of one run folder: each validation evaluation (eval.jsonl), and the test one (eval_test.json)."""
-    cfg = yaml.safe_load((folder / "config.yaml").read_text())
-    ident = {"variant": variant, "kernel": cfg.get("kernel") or "none", "divergence": cfg["divergence"],
-             "loss_type": cfg["loss_type"], "learning_rate": float(cfg["learning_rate"]), "seed": cfg["seed"],
-             "run": f"{variant}/{folder.name}"}
-    rows = []
-    if (folder / "eval.jsonl").exists():
-        for line in (folder / "eval.jsonl").read_text().splitlines():
-            if line:
-                rows.append({**ident, "split": "validation", **_metrics(json.loads(line))})
-    if (folder / "eval_test.json").exists():
-        rows.append({**ident, "split": "test", **_metrics(json.loads((folder / "eval_test.json").read_text())),
-                     "step": cfg["max_steps"]})
-    return rows
-
-
-def _metrics(result):
-    return {k: v for k, v in result.items() if k != "samples"}
-
-
-def collect(out):
-    """The tidy table of a sweep folder, however its runs were run: one row per evaluation."""
-    rows = []
-    for folder in sorted(Path(out).glob("runs/*/*")):
-        if folder.is_dir() and (folder / "config.yaml").exists():
-            rows += read_run(folder, folder.parent.name)
-    table = pd.DataFrame(rows, columns=None if rows else [*sweep_stats.ID, "run", "split", "step"])
-    return table.drop_duplicates(["run", "split", "step"], keep="last").reset_index(drop=True)
-
-
-def write_table(cfg):
-    """Write OUT/table.csv (atomically) and its copy at `cfg.table`, if set. Returns the table."""
-    table = collect(cfg.out)
-    lead = [*sweep_stats.ID, "split", "step"]
-    table = table[lead + [c for c in table.columns if c not in lead]]
-    for path in [Path(cfg.out) / "table.csv"] + ([Path(cfg.table)] if cfg.table else []):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(path.with_suffix(".tmp"), index=False)
-        os.replace(path.with_suffix(".tmp"), path)
-    return table
 
 
 def _append(path, row):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def count_jobs(cfg):
+    """(all jobs of the sweep, those already done): references, learning-rate runs, seed runs."""
+    out, seeds = Path(cfg.out), sorted({cfg.lr_seed, *cfg.seeds})
+    refs = {reference_folder(cfg, s) for s in seeds}
+    names = list(variants(cfg))
+    total = len(refs) + len(names) * (len(cfg.learning_rates) + len(cfg.seeds))
+    done = sum((r / "model").exists() for r in refs)
+    for v in names:
+        done += sum((out / "runs" / v / f"lr{lr:g}_s{cfg.lr_seed}" / "model").exists() for lr in cfg.learning_rates)
+        done += sum(any(out.glob(f"runs/{v}/lr*_s{s}/eval_test.json")) for s in cfg.seeds)
+    return total, done
 
 
 # ----------------------------------------------------------------------------- summary and command
@@ -342,20 +306,23 @@ def summarise(cfg, table):
     return result
 
 
-def main(argv=None):
-    """`kdpo sweep CONFIG [--list | --collect] [--processes N] [--out DIR] [--table CSV]`."""
-    parser = argparse.ArgumentParser(prog="kdpo sweep", description=__doc__.split("\n\n")[0],
-                                     epilog="examples:\n  kdpo sweep configs/sweep_fast.yaml\n"
-                                            "  kdpo sweep configs/sweep.yaml --list > commands.txt   (one per line: a Slurm array)\n"
-                                            "  kdpo sweep configs/sweep.yaml --collect               (table and summary only)",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser):
+    """The options of `kdpo sweep` on an argparse parser (cli.py's subparser, or `main`'s)."""
     parser.add_argument("config", help="a sweep YAML file (fields of kdpo_lab.sweep.SweepConfig; see configs/sweep.yaml)")
     parser.add_argument("--list", action="store_true", help="print the commands runnable now, one per line, and run nothing")
     parser.add_argument("--collect", action="store_true", help="write the table and summary from the run folders, run nothing")
     parser.add_argument("--processes", type=int, default=None, help="parallel jobs (0: in this process) [config's]")
     parser.add_argument("--out", default=None, help="sweep folder [config's]")
     parser.add_argument("--table", default=None, help="also write the table here, e.g. results/sweep/table.csv [config's]")
-    args = parser.parse_args(argv)
+    parser.epilog = ("examples:\n  kdpo sweep configs/sweep_fast.yaml\n"
+                     "  kdpo sweep configs/sweep.yaml --list > commands.txt   (one per line: a Slurm array; list again after)\n"
+                     "  kdpo sweep configs/sweep.yaml --collect               (table and summary only)")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    return parser
+
+
+def run(args):
+    """`kdpo sweep` on parsed arguments; returns the exit status (1 if a job failed)."""
     cfg = SweepConfig.from_yaml(args.config, processes=args.processes, out=args.out, table=args.table)
     if args.list:
         jobs, waiting, _ = plan(cfg)
@@ -364,8 +331,8 @@ def main(argv=None):
         print(f"{len(jobs)} commands runnable now; {waiting} more wait for their reference or learning-rate choice: "
               f"run these, then list again", file=sys.stderr)
         return 0
-    failed = [] if args.collect else execute(cfg, total=count_jobs(cfg))
-    table = write_table(cfg)
+    failed = [] if args.collect else execute(cfg)
+    table = write_table(cfg.out, cfg.table)
     result = summarise(cfg, table)
     for name in ("learning_rates", "gains"):
         if name in result:
@@ -374,6 +341,12 @@ def main(argv=None):
     if failed:
         print(f"{len(failed)} jobs failed: {', '.join(failed)}; run the sweep again to retry them", file=sys.stderr)
     return 1 if failed else 0
+
+
+def main(argv=None):
+    """`kdpo sweep CONFIG [--list | --collect] [--processes N] [--out DIR] [--table CSV]`."""
+    parser = add_arguments(argparse.ArgumentParser(prog="kdpo sweep", description=__doc__.split("\n\n")[0]))
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ from scipy import stats
 PAPER_GAIN = 0.092
 """The paper's average improvement of the hybrid loss over DPO (Das et al. 2025, abstract): +9.2%."""
 
-ID = ["variant", "kernel", "divergence", "loss_type", "learning_rate", "seed"]
-
 
 def t_interval(values, level=0.95):
     """(mean, low, high) of a Student t interval for the mean of `values` (NaN bounds below 2 values)."""
