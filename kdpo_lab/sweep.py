@@ -155,11 +155,17 @@ def _check_same(folder, cls, config_path, fields):
                          f"use a new sweep `out` folder or delete that run")
 
 
+def reference_seed(cfg, seed):
+    """The seed of the reference that runs of `seed` start from."""
+    return cfg.lr_seed if cfg.shared_reference else seed
+
+
 def reference_folder(cfg, seed):
-    return Path(cfg.out) / "sft" / f"s{cfg.lr_seed if cfg.shared_reference else seed}"
+    return Path(cfg.out) / "sft" / f"s{reference_seed(cfg, seed)}"
 
 
 def sft_job(cfg, seed):
+    seed = reference_seed(cfg, seed)
     folder = reference_folder(cfg, seed)
     fields = {**cfg.sft, "data": cfg.data, "output_dir": str(folder), "seed": seed, "progress": False}
     _check_same(folder, SFTConfig, cfg.sft_config, fields)

@@ -169,6 +169,12 @@ def test_before_the_references_exist_only_the_references_are_listed(tmp_path, ca
     assert "--seed 1" in lines[1] and f"--output-dir {tmp_path}/sweep/sft/s1" in lines[1]
 
 
+def test_with_a_shared_reference_every_seed_starts_from_the_lr_seeds_reference(tmp_path, capsys):
+    cfg = fast_config(tmp_path, shared_reference=True)
+    jobs, _, _ = sweep.plan(cfg)
+    assert [j.name for j in jobs] == ["sft/s0"] and sweep.reference_folder(cfg, 1) == sweep.reference_folder(cfg, 0)
+
+
 @pytest.fixture(scope="module")
 def fast_sweep(tmp_path_factory):
     """The fast sweep, run once, in this process (processes: 0) through the same commands."""
