@@ -212,28 +212,32 @@ def plan(cfg, table=None):
 
 
 def run_job(job, processes):
-    """Run a job's commands in order; output appended to FOLDER.log. Returns (job, seconds, error or None)."""
+    """Run a job's commands in order, output appended to FOLDER.log: as subprocesses with one thread each
+    (processes > 0) or in this process. Returns (job, wall seconds, CPU seconds of its subprocesses,
+    error or None); a failed command is reported, never raised, so the other jobs go on."""
     from kdpo_lab import cli
-    t0 = time.perf_counter()
+    t0, cpu = time.perf_counter(), 0.0
     log = job.folder.parent / f"{job.folder.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     for argv in job.commands:
-        if processes == 0:
-            with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-                try:
-                    print(f"$ kdpo {shlex.join(argv)}")
-                    cli.main(argv)
-                except Exception as e:  # noqa: BLE001 -- a failed run is reported, the sweep goes on
-                    return job, time.perf_counter() - t0, f"{type(e).__name__}: {e}; see {log}"
-            continue
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         with open(log, "a") as f:
             f.write(f"$ kdpo {shlex.join(argv)}\n")
             f.flush()
-            rc = subprocess.run([sys.executable, "-m", "kdpo_lab.cli", *argv], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-        if rc != 0:
-            return job, time.perf_counter() - t0, f"exit status {rc}; see {log}"
-    return job, time.perf_counter() - t0, None
+            if processes == 0:
+                with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                    try:
+                        cli.main(argv)
+                    except Exception as e:  # noqa: BLE001
+                        return job, time.perf_counter() - t0, cpu, f"{type(e).__name__}: {e}; see {log}"
+                continue
+            proc = subprocess.Popen([sys.executable, "-m", "kdpo_lab.cli", *argv], stdout=f, stderr=subprocess.STDOUT, env=env)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            cpu += usage.ru_utime + usage.ru_stime
+        if proc.returncode != 0:
+            return job, time.perf_counter() - t0, cpu, f"exit status {proc.returncode}; see {log}"
+    return job, time.perf_counter() - t0, cpu, None
 
 
 def execute(cfg):
@@ -254,9 +258,10 @@ def execute(cfg):
                 break
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                job, seconds, error = future.result()
+                job, seconds, cpu, error = future.result()
                 _append(Path(cfg.out) / "jobs.jsonl", {"job": job.name, "command": job.line(), "wall_s": round(seconds, 1),
-                                                       "error": error, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                                       "cpu_s": round(cpu, 1), "error": error,
+                                                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
                 if error:
                     failed.append(job.name)
                     tqdm.write(f"failed: {job.name}: {error}")

@@ -58,6 +58,8 @@ def families(table, metric="reward/policy"):
 def choose_learning_rates(table, seed=0, metric="reward/policy"):
     """Each variant's learning rate: the best `metric` at the last validation evaluation of `seed`.
     Returns one row per (variant, learning_rate) with the metric and `chosen`; ties go to the smaller rate."""
+    if metric not in table:
+        raise ValueError(f"choose_learning_rates: select_by {metric!r} is not a column of the table (e.g. reward/policy, pref/accuracy)")
     rows = final_rows(table[table["seed"] == seed], split="validation")[["variant", "learning_rate", metric]]
     if rows[metric].isna().any():
         raise ValueError(f"choose_learning_rates: no {metric!r} in some validation rows (eval_generate must be > 0)")

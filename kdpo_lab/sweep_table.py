@@ -4,7 +4,8 @@ a Slurm array of its `--list`, by hand): one row per evaluation of a run.
 A run folder OUT/runs/VARIANT/lrRATE_sSEED holds config.yaml, eval.jsonl (the validation evaluations
 during training, one per line) and, once `kdpo eval RUN --split test` ran, eval_test.json. Each
 becomes a row: identity (variant, kernel, divergence, loss_type, learning_rate, seed, run), split
-("validation" or "test"), step, and the metrics of `evaluation.evaluate`.
+("validation" or "test"), step, the metrics of `evaluation.evaluate`, and the run's cost (median
+time/step_s, peak memory/peak_mb of its training).
 """
 import json
 import os
@@ -21,7 +22,7 @@ def read_run(folder, variant):
     cfg = yaml.safe_load((folder / "config.yaml").read_text())
     ident = {"variant": variant, "kernel": cfg.get("kernel") or "none", "divergence": cfg["divergence"],
              "loss_type": cfg["loss_type"], "learning_rate": float(cfg["learning_rate"]), "seed": cfg["seed"],
-             "run": f"{variant}/{folder.name}"}
+             "run": f"{variant}/{folder.name}", **_cost(folder)}
     rows = []
     if (folder / "eval.jsonl").exists():
         for line in (folder / "eval.jsonl").read_text().splitlines():
@@ -31,6 +32,14 @@ def read_run(folder, variant):
         rows.append({**ident, "split": "test", **_metrics(json.loads((folder / "eval_test.json").read_text())),
                      "step": cfg["max_steps"]})
     return rows
+
+
+def _cost(folder):
+    """The run's median seconds per training step and peak memory (from metrics.jsonl), for compute comparisons."""
+    if not (folder / "metrics.jsonl").exists():
+        return {}
+    m = pd.read_json(folder / "metrics.jsonl", lines=True)
+    return {k: agg(m[k]) for k, agg in (("time/step_s", pd.Series.median), ("memory/peak_mb", pd.Series.max)) if k in m}
 
 
 def _metrics(result):

@@ -5,7 +5,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from scipy import stats
 
 from kdpo_lab import sweep, sweep_stats
@@ -190,6 +189,7 @@ def test_the_fast_sweep_runs_every_variant_on_every_seed_and_evaluates_on_test(f
     assert sorted(test.groupby("variant")["seed"].apply(sorted).iloc[0]) == [0, 1]
     assert set(table["learning_rate"][table["seed"] == 0]) == {1e-4, 1e-3}
     assert set(table[table["split"] == "validation"]["step"]) == {2, 4}
+    assert (table["time/step_s"] > 0).all()  # every row carries its run's cost
     total, done = sweep.count_jobs(fast_sweep)
     assert len(pd.read_json(f"{fast_sweep.out}/jobs.jsonl", lines=True)) == total == done == 2 + 4 * (2 + 2)
 
@@ -230,7 +230,32 @@ def test_the_table_is_the_same_however_the_runs_were_run(fast_sweep, tmp_path):
     pd.testing.assert_frame_equal(sweep.collect(tmp_path / "elsewhere"), sweep.collect(fast_sweep.out))
 
 
-def test_fast_and_full_sweep_configs_load_and_name_known_variants():
-    for path in ("configs/sweep_fast.yaml", "configs/sweep.yaml"):
-        cfg = SweepConfig.from_yaml(path)
-        assert sweep.variants(cfg) and yaml.safe_load(open(path))
+def test_the_full_sweep_config_follows_the_protocol():
+    cfg = SweepConfig.from_yaml("configs/sweep.yaml")
+    assert len(sweep.variants(cfg)) == 33 and len(cfg.learning_rates) == 3
+    assert len(cfg.seeds) >= 5 and cfg.lr_seed not in cfg.seeds  # the rate's validation luck stays out
+    assert cfg.test_generate == 1000 and cfg.train["max_eval_pairs"] >= cfg.test_generate
+    assert sweep.count_jobs(SweepConfig.from_yaml("configs/sweep.yaml", out="/nonexistent"))[0] == 6 + 33 * 8
+
+
+def test_a_job_runs_as_a_one_thread_subprocess_and_a_failure_is_reported_not_raised(tmp_path):
+    job = sweep.Job("bad", tmp_path / "runs" / "bad", [["generate-data", "--n-train", "many"]])
+    _, _, cpu, error = sweep.run_job(job, processes=1)
+    assert error.startswith("exit status 2") and cpu > 0
+    log = (tmp_path / "runs" / "bad.log").read_text()
+    assert log.startswith("$ kdpo generate-data --n-train many") and "invalid int value" in log
+
+
+def test_every_subprocess_gets_one_thread(tmp_path, monkeypatch):
+    seen = []
+
+    class Proc:
+        def __init__(self, args, env, **kw):
+            seen.append((args, env))
+            self.pid, self.returncode = 0, None
+    monkeypatch.setattr(sweep.subprocess, "Popen", Proc)
+    monkeypatch.setattr(sweep.os, "wait4", lambda pid, opt: (pid, 0, type("U", (), {"ru_utime": 1.0, "ru_stime": 0.5})))
+    job = sweep.Job("two", tmp_path / "two", [["train", "a.yaml"], ["eval", "x"]])
+    assert sweep.run_job(job, processes=2)[2:] == (3.0, None)
+    assert [a[3:] for a, _ in seen] == [["train", "a.yaml"], ["eval", "x"]]
+    assert all(env["OMP_NUM_THREADS"] == "1" and env["MKL_NUM_THREADS"] == "1" for _, env in seen)
