@@ -200,7 +200,8 @@ def plan(cfg, table=None):
         if any(j.commands for j in lr_jobs):
             waiting += len(cfg.seeds)
             continue
-        rates = sweep_stats.choose_learning_rates(table[table["variant"] == variant], cfg.lr_seed, cfg.select_by)
+        grid = table[(table["variant"] == variant) & table["learning_rate"].isin(cfg.learning_rates)]
+        rates = sweep_stats.choose_learning_rates(grid, cfg.lr_seed, cfg.select_by)
         chosen[variant] = float(rates.loc[rates["chosen"], "learning_rate"].iloc[0])
         for seed in cfg.seeds:
             if refs[seed].commands:
@@ -300,7 +301,8 @@ def summarise(cfg, table):
     _, _, chosen = plan(cfg, table)
     if not chosen:
         return {}
-    rates = sweep_stats.choose_learning_rates(table[table["variant"].isin(list(chosen))], cfg.lr_seed, cfg.select_by)
+    grid = table[table["variant"].isin(list(chosen)) & table["learning_rate"].isin(cfg.learning_rates)]
+    rates = sweep_stats.choose_learning_rates(grid, cfg.lr_seed, cfg.select_by)
     runs = sweep_stats.final_runs(table, chosen, cfg.seeds)
     final = sweep_stats.final_rows(runs, "test")
     result = {"learning_rates": rates}
