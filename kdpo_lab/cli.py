@@ -124,6 +124,8 @@ def _main_parser():
     p.add_argument("--out", default="outputs/quickstart", help="folder for runs, tables and figures [%(default)s]")
     p.add_argument("--fast", action="store_true", help="tiny sizes (also set by KDPO_FAST=1); a smoke test")
 
+    sub.add_parser("sweep", help="the multi-seed 28-pair study: resumable, parallel, --list for a cluster (kdpo sweep --help)")
+
     p = sub.add_parser("generate-data", help="write the synthetic preference suite (seeded, deterministic)")
     p.add_argument("--out", default="data/suite", help="output folder [%(default)s]")
     p.add_argument("--n-train", type=int, default=2000, help="training pairs per family [%(default)s]")
@@ -175,6 +177,9 @@ def run(argv):
         if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
             print(f"done: {out}")
         return 0
+    if argv[:1] == ["sweep"]:  # its own parser (kdpo sweep --help)
+        from kdpo_lab import sweep
+        return sweep.main(argv[1:])
     args = _main_parser().parse_args(argv)
     if args.command == "quickstart":
         from kdpo_lab import quickstart

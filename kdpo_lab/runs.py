@@ -61,9 +61,11 @@ def evaluate_run(run, request=None, **fields):
 
 
 def _pairs(cfg, request):
-    """The pairs to evaluate: the run's held-out split, or another file read whole (up to max_eval_pairs)."""
+    """The pairs to evaluate: the run's held-out split, or another file read whole (up to max_eval_pairs).
+    At least n_generate pairs of the split are read (`kdpo eval --n-generate 1000` scores 1,000 test
+    prompts of a run trained with max_eval_pairs 256); which rows a single file holds out does not change."""
     if request.data is None or request.data == cfg.data:
-        return read_pairs(cfg, request.split, cfg.max_eval_pairs)
+        return read_pairs(cfg, request.split, max(cfg.max_eval_pairs, request.n_generate))
     cfg.data = request.data
     if Path(resolve(request.data)).is_file():
         pairs, report = formats.load_pairs(resolve(request.data), strict=cfg.strict, limit=cfg.max_eval_pairs)

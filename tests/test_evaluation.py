@@ -71,3 +71,17 @@ def test_a_reward_model_scores_each_text_as_it_would_alone_and_gives_a_win_rate(
     result = evaluation.evaluate(policy, ref, tokenizer, _plain(pairs), feats, beta=0.1, n_generate=4,
                                  max_new_tokens=8, reward_model=rm)
     assert 0 <= result["rm/winrate"] <= 1 and "rm/*" not in result["unavailable"]
+
+
+def test_kdpo_eval_reads_at_least_n_generate_pairs_of_the_split_without_moving_a_files_held_out_rows(tmp_path):
+    from kdpo_lab import runs
+    from kdpo_lab.config import TrainConfig
+    from kdpo_lab.loading import read_pairs
+    from kdpo_lab.suite import SUITE_DIR
+    cfg = TrainConfig(data=str(SUITE_DIR), max_eval_pairs=8)
+    pairs, _ = runs._pairs(cfg, runs.EvalRequest(split="test", n_generate=40))
+    assert len(pairs) == 40
+    one_file = TrainConfig(data=str(SUITE_DIR / "validation.jsonl"), max_eval_pairs=8)
+    held, _ = read_pairs(one_file, "validation", 8)
+    more, _ = runs._pairs(one_file, runs.EvalRequest(split="validation", n_generate=40))
+    assert [p.prompt for p in more] == [p.prompt for p in held]  # a single file holds out the same 8 rows
