@@ -37,7 +37,7 @@ import torch
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import use_adapter
 
-from kdpo_lab import divergences, kernels, models
+from kdpo_lab import checkpoint, divergences, kernels, models
 from kdpo_lab.losses import kernel_dpo_loss
 
 TRL_DIVERGENCES = {"reverse_kl": "kl", "forward_kl": "forward_kl", "js_divergence": "js",
@@ -177,7 +177,7 @@ class KernelDPOTrainer(DPOTrainer):
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)
         if self.kernel is not None and self.args.should_save:
-            torch.save(self.kernel.state_dict(), f"{output_dir or self.args.output_dir}/kernel.pt")
+            checkpoint.save_kernel(self.kernel, output_dir or self.args.output_dir, dict(self.args.kernel_params))
 
     # --------------------------------------------------------------------------------------- loss
 

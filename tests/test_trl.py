@@ -6,7 +6,7 @@ pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from kdpo_lab import models, suite  # noqa: E402
+from kdpo_lab import checkpoint, models, suite  # noqa: E402
 from kdpo_lab.trl import KernelDPOConfig, KernelDPOTrainer  # noqa: E402
 
 STEPS = 4
@@ -74,6 +74,9 @@ def test_with_a_kernel_the_kernels_parameters_train(setup, tmp_path):
                                                                      for after_p in trainer.kernel.parameters())]
     assert len(kernel_group) == 1 and kernel_group[0]["initial_lr"] == args.kernel_lr
     assert any("kernel/margin" in row for row in trainer.state.log_history)
+    trainer.save_model(str(tmp_path / "saved"))  # the kernel as safetensors + JSON, read back in one call
+    loaded = checkpoint.load_kernel(tmp_path / "saved").state_dict()
+    assert all(torch.equal(loaded[k], v.cpu()) for k, v in after.items())
 
 
 def test_lora_without_a_reference_model_trains_with_a_kernel(setup, tmp_path):
