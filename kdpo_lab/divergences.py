@@ -285,7 +285,7 @@ class ChiSquared(Divergence):
 
 
 # ----------------------------------------------------------------------------------------------
-# Wasserstein-1 between next-token distributions: small support + Sinkhorn
+# Wasserstein-1 between next-token distributions: small support + entropic OT (Sinkhorn)
 
 def _softmin(C, h, log_w, eps):
     """-eps * log sum_j w_j exp((h_j - C_ij) / eps) over the last dim of C [..., n, m] (log domain)."""
@@ -312,9 +312,7 @@ def _potentials(la, lb, C, epsilon, n_iter):
     """Sinkhorn's dual potentials (f, g), no autograd: alternating exact updates of f then g with
     eps-scaling. C [..., n, m] (broadcast against the leading dims of la [..., n], lb [..., m]):
     mat-vecs with exp(-C/eps) while C.max()/eps <= 50, log domain otherwise. C None: the 0/1 metric
-    c_ij = [i != j] (n = m), whose kernel exp(-C/eps) = c 11^T + (1 - c) I (c = exp(-1/eps)) makes
-    every update O(n); it runs in float64 scaling variables alpha = exp(f/eps), beta = exp(g/eps)
-    (no logarithm inside the loop; float64 keeps exp(+-1/eps) / weight ratios in range)."""
+    c_ij = [i != j] (n = m), solved exactly by `_potentials_01` instead."""
     if C is None:
         return _potentials_01(la, lb, epsilon, n_iter)
     Ct = C.transpose(-1, -2)
