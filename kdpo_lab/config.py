@@ -93,8 +93,8 @@ class TrainConfig(SFTConfig):
     divergence: str = _f("kl", "kl, forward_kl, js, hellinger, renyi, bhattacharyya, wasserstein, alpha, chi2")
     divergence_form: str = _f("auto", "link (f'(pi/pi_ref) replaces the log-ratio), penalty (DPO + lam * token D), auto")
     lam: float = _f(0.1, "weight of the penalty form")
-    order: float = _f(0.5, "Renyi order a (renyi only)")
-    alpha: float = _f(0.5, "alpha of the alpha-divergence (alpha only; TRL's coef = 1 - alpha)")
+    order: float = _f(0.3, "Renyi order a (renyi only; 0.3 keeps it distinct from Hellinger = alpha 0.5)")
+    alpha: float = _f(0.3, "alpha of the alpha-divergence (alpha only; TRL's coef = 1 - alpha; 0.5 would be Hellinger)")
     kernel: str = _f("", "kernel for the hybrid term: linear, polynomial, rbf, spectral, mahalanobis, hmk (empty: none)")
     gamma: float = _f(0.0, "weight of the kernel term gamma * (log K(e_x,e_w) - log K(e_x,e_l))")
     eta: float = _f(0.0, "HMK entropy bonus against kernel collapse")
@@ -102,7 +102,7 @@ class TrainConfig(SFTConfig):
     loss_type: str = _f("sigmoid", "sigmoid (DPO), hinge, ipo, cdpo, robust")
     label_smoothing: float = _f(0.0, "flip rate for cdpo / robust")
     # optimisation and evaluation
-    kernel_lr: float = _f(1e-2, "learning rate of the kernel's parameters (HMK weights, bandwidths)")
+    kernel_lr: float = _f(1e-2, "learning rate of the HMK mixture weights (the only trained kernel parameters; scales are fixed by fit)")
     eval_steps: int = _f(0, "steps between held-out evaluations (0: only at the end)")
     eval_generate: int = _f(0, "prompts to sample at each evaluation for reward, win-rate and KL (0: none)")
 

@@ -21,6 +21,28 @@ finite, and every gradient stays finite.
 
 The seven divergences the paper names are PAPER_SEVEN; its generic "f-divergence" is represented by
 the alpha family of Wang et al. (2023), which spans reverse KL (alpha -> 0) to forward KL (alpha -> 1).
+
+Seven distinct losses. A column of the 4 x 7 grid is a loss; two columns are the same loss when
+their z differ only by a factor (beta absorbs it). In link form every member of the alpha family is
+s_alpha(rho) = (1 - exp(-alpha rho)) / alpha, Hellinger is s_{1/2} / 2 and Renyi of order a is
+s_{1-a}; the Bhattacharyya distance -log BC is half the Renyi divergence of order 1/2. The old
+defaults (Renyi 0.5, alpha 0.5, Bhattacharyya with Hellinger's link) made four columns one loss up
+to beta. Defaults now (our choice; the paper gives no orders):
+* alpha = 0.3 and Renyi order 0.3 (link s_{0.7}): with KL (alpha -> 0) and Hellinger (1/2) the
+  link-form columns sample the alpha family at 0, 0.3, 0.5 and 0.7, symmetric about Hellinger, on
+  both sides of it (mode-seeking towards reverse KL, mass-covering towards forward KL); 0.3 and 0.7
+  are among the values Wang et al. (2023) train with. Renyi's order stays below 1, so its link stays
+  bounded as rho -> +inf like the rest of the family (order 2 would give chi^2's exp(rho) - 1).
+* Bhattacharyya takes the penalty form (`has_link` is False). It has no link form of its own: the
+  stationarity condition of max_pi E_pi[r] - beta D_B(pi || pi_ref), with dD_B/dpi(y) =
+  -(pi_ref(y)/pi(y))^(1/2) / (2 BC), gives r(y) = beta / (2 BC(x)) * (1 - u^(-1/2)) + const(x),
+  u = pi/pi_ref: Hellinger's link with beta rescaled per prompt by 1/(2 BC), which is 1/2 at the
+  reference and unknown elsewhere. So the only Bhattacharyya loss distinct from Hellinger's is the
+  literal one, DPO plus lam * mean token D_B, as for Wasserstein (whose penalty is a different
+  function of the distributions). Its `link` is kept (Hellinger's) for plots and comparisons.
+  (The same argument gives Renyi of order a its generating member's link, s_{1-a}, with a per-prompt
+  rescaled beta; at order 0.3 that member is no other column, so Renyi keeps its link form.)
+`tests/test_divergences.py` checks that no two of the seven columns are the same loss.
 """
 import math
 
@@ -183,7 +205,7 @@ class Alpha(Divergence):
 
     name = "alpha"
 
-    def __init__(self, alpha=0.5):
+    def __init__(self, alpha=0.3):
         if not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
             raise ValueError(f"alpha: alpha must be a number in (0, 1), got {alpha!r} "
                              "(alpha -> 0 is 'kl', alpha -> 1 is 'forward_kl')")
@@ -214,12 +236,13 @@ class Renyi(Divergence):
     alpha-divergence with f(u) = (u^a - a u - (1-a)) / (a (a-1)). Its link is that generating
     member's: f'(u) = (u^(a-1) - 1)/(a-1), s = (exp((a-1) rho) - 1)/(a-1), which is TRL's
     alpha_divergence with f_alpha_divergence_coef = a (and Alpha(alpha = 1 - a)); s -> rho as a -> 1.
-    For a > 1 and q = 0 < p the true D_a is infinite; the log floor makes it large (~1e4) but finite."""
+    For a > 1 and q = 0 < p the true D_a is infinite; the log floor makes it large (~1e4) but finite.
+    Default order 0.3 (not 0.5, where the link would be Hellinger's up to beta; see the module docstring)."""
 
     name = "renyi"
     is_f_divergence = False
 
-    def __init__(self, order=0.5):
+    def __init__(self, order=0.3):
         if not (isinstance(order, (int, float)) and order > 0.0 and math.isfinite(order)):
             raise ValueError(f"renyi: order must be a finite number > 0, got {order!r}")
         if order == 1.0:
@@ -248,10 +271,14 @@ class Renyi(Divergence):
 
 class Bhattacharyya(Divergence):
     """Bhattacharyya distance D_B(p, q) = -log BC, BC = sum sqrt(p q); equals -log(1 - D_H / 2) with
-    our squared Hellinger D_H = 2 (1 - BC). Not an f-divergence (a monotone transform of Hellinger):
-    its generator and link are Hellinger's, f(u) = (sqrt u - 1)^2, s = 1 - exp(-rho/2)."""
+    our squared Hellinger D_H = 2 (1 - BC), and half the Renyi divergence of order 1/2. Not an
+    f-divergence (a monotone transform of Hellinger). Penalty form only (`has_link` False): its link
+    would be Hellinger's with a per-prompt rescaled beta (module docstring), i.e. the Hellinger column.
+    `generator`, `f_prime` and `link` are Hellinger's, f(u) = (sqrt u - 1)^2, s = 1 - exp(-rho/2),
+    kept for comparison; the loss refuses divergence_form="link" for it."""
 
     name = "bhattacharyya"
+    has_link = False
     is_f_divergence = False
 
     generator = Hellinger.generator

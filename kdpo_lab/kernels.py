@@ -1,4 +1,4 @@
-"""Kernels on embeddings for the hybrid DPO-Kernels loss (paper-notes sections 4 and 5).
+"""Kernels on embeddings for the hybrid DPO-Kernels loss (Das et al. 2025, arXiv 2501.03271).
 
 The kernel term of the preference logit is
 
@@ -12,16 +12,43 @@ Conventions shared by all kernels (decisions the paper leaves open):
   between meanings should not see, and on the sphere the kernels become comparable: the linear,
   RBF, spectral and Mahalanobis kernels are all Gaussians in a (projected) distance |u - v|.
 * Normalised: log K~(x, y) = log K(x, y) - (log K(x, x) + log K(y, y)) / 2, so K~(x, x) = 1 and
-  K~ <= 1 (Cauchy-Schwarz); mixtures of normalised kernels stay normalised. On unit vectors this
-  subtracts a constant, so it never changes a margin.
+  K~ <= 1 (Cauchy-Schwarz); mixtures of normalised kernels stay normalised. For the linear and
+  polynomial kernels log K(u, u) is the same for every unit vector (1/tau, d log(1 + c)), so there
+  normalisation subtracts a constant and leaves every margin unchanged. Not for the spectral kernel:
+  log K(u, u) = u'Au/tau depends on u, normalisation adds -(e_w'Ae_w - e_l'Ae_l)/(2 tau) to the raw
+  margin, and turns exp(u'Av/tau) into a Gaussian in the projected distance (tested).
 * Positive by construction (exp forms, polynomial with c > 1), so log K always exists. Distances
   are used squared (no sqrt), so values and gradients are finite at x == y, x == -y and x == 0.
   Half-precision inputs are computed in float32; the result is float32 then.
-* Calibrated: `fit(embeddings)` sets each kernel's scale so that the median log K over all pairs of
-  the given embeddings is -1 (`CALIBRATION`). Then gamma means the same for every kernel, and
-  the HMK mixes components of comparable contrast. `fit` uses at most `FIT_MAX` embeddings
-  (a seeded subsample) and no gradient.
-* Parameters are fixed buffers unless `learnable=True`; the HMK builds learnable components.
+
+The scale of the kernel term is fixed; the preference loss cannot learn it. Every kernel's scale
+(RBF bandwidth sigma, polynomial offset c, spectral temperature tau and eigenvalues lambda,
+Mahalanobis covariance scale) is set by `fit(embeddings)`, which calibrates it so that the median
+log K over all pairs of the given embeddings is -1 (`CALIBRATION`; `fit` uses at most `FIT_MAX`
+embeddings, a seeded subsample, and no gradient), and is then a frozen buffer.
+Why: with the policy frozen (rho = 0) the loss -log sigmoid(gamma * m) of a kernel margin m falls
+to 0 as |m| grows, so any parameter that can multiply m (a bandwidth sigma -> 0, a precision P ->
+infinity) will be pushed to do so. Measured before this design, with learnable bandwidths and
+precisions, on fixed embeddings (AdamW lr 1e-2, gamma 0.5, eta 0.01): the RBF bandwidth inside the
+HMK went 1.0 -> 0.12, the Mahalanobis precision trace 18 -> 926, the margin std 0.32 -> 2.15 (a
+learnable Mahalanobis kernel alone: 0.24 -> 10.8, loss 0.69 -> 0.005); on `toy_embedding_pairs`
+(n = 256, 300 steps) the HMK's margin std went 0.022 -> 2.2 and the Mahalanobis kernel's 0.086 ->
+15. A kernel that lowers the loss by rescaling itself takes over z and starves the
+policy's gradient (sigma(-z) shrinks). The size of the kernel term relative to the probability term
+is a hyper-parameter, gamma, chosen by the user; calibration makes gamma mean the same for every
+kernel and every data set. What may still learn cannot raise the margin's scale:
+* HMK: only the softmax logits of the mixture weights learn. The components are normalised and
+  calibrated, and a mixture margin is bounded by its components' margins (mediant inequality:
+  log(sum_c w_c K_c(x,w) / sum_c w_c K_c(x,l)) lies between min_c and max_c of log(K_c(x,w)/K_c(x,l))),
+  so the weights can choose between calibrated components but never sharpen them.
+* No shape learns either. A learnable Mahalanobis shape with a calibrated, fixed trace,
+  P = T L L' / tr(L L'), was tried: it bounds |m| <= 2T, but on `toy_embedding_pairs` (AdamW lr
+  1e-2, gamma 0.5, 200 steps) it still raised the margin std 0.086 -> 0.44 (5x) by moving the
+  precision onto the axes that separate chosen from rejected: re-weighting axes is itself a way to
+  sharpen the margin. (A determinant normalisation is weaker still: one axis can grow without bound
+  while another shrinks.) So every single kernel is fixed after `fit`.
+`losses.train_kernel_alone` trains a kernel against a frozen policy and records the margin's std;
+the tests and notebook 04 use it.
 """
 import math
 
@@ -95,18 +122,13 @@ def _like(module, value):
     return value.detach().to(own[0].device, own[0].dtype) if own else value.detach().to(torch.float32)
 
 
-def _store(module, name, value, learnable):
-    """Set module.name to value as a Parameter (learnable) or buffer, in place if it exists."""
+def _store(module, name, value):
+    """Set the buffer module.name to value, in place if it exists with that shape."""
     value = _like(module, value)
     current = getattr(module, name, None)
     if isinstance(current, torch.Tensor) and current.shape == value.shape:
-        with torch.no_grad():
-            current.copy_(value)  # keeps optimiser references valid
-    elif learnable:
-        setattr(module, name, nn.Parameter(value))
+        current.copy_(value)
     else:
-        if name in module._parameters:
-            del module._parameters[name]
         module.register_buffer(name, value)
 
 
@@ -171,7 +193,7 @@ class PolynomialKernel(Kernel):
     """K = (<u, v> + c)^d, log K = d * log(<u, v> + c), with c > 1 so that K > 0 on the sphere.
 
     Normalised: log K~ = d * [log(<u,v> + c) - (log(|u|^2 + c) + log(|v|^2 + c)) / 2]; on unit
-    vectors d * log((<u,v> + c) / (1 + c)), in [d log((c-1)/(c+1)), 0]. Learnable c = 1 + softplus(raw).
+    vectors d * log((<u,v> + c) / (1 + c)), in [d log((c-1)/(c+1)), 0]. c = 1 + softplus(c_raw), a buffer.
     The Gram matrix is positive semi-definite for integer degree d (non-integer d >= 1 is allowed
     but is not a kernel in general).
     fit: with r = exp(CALIBRATION / d) and s the median pair cosine, c = (r - s) / (1 - r) puts the
@@ -182,20 +204,19 @@ class PolynomialKernel(Kernel):
     name = "polynomial"
     C_MIN_FIT = 0.01
 
-    def __init__(self, degree=2, c=2.0, learnable=False):
+    def __init__(self, degree=2, c=2.0):
         super().__init__()
         if not degree >= 1:
             raise ValueError(f"degree must be >= 1; got {degree}")
         if not c > 1:
             raise ValueError(f"c must be > 1 so that <u, v> + c > 0 on unit vectors; got {c}")
         self.degree = float(degree)
-        self.learnable = learnable
         self._set_c(c)
 
     def _set_c(self, c):
         raw = torch.tensor(float(c) - 1.0, dtype=torch.float64)
         raw = raw + torch.log(-torch.expm1(-raw))  # inverse softplus
-        _store(self, "c_raw", raw, self.learnable)
+        _store(self, "c_raw", raw)
 
     @property
     def c(self):
@@ -217,11 +238,11 @@ class PolynomialKernel(Kernel):
         return self
 
     def extra_repr(self):
-        return f"degree={self.degree:g}, c={self.c.item():.4g}, learnable={self.learnable}"
+        return f"degree={self.degree:g}, c={self.c.item():.4g}"
 
 
 class RBFKernel(Kernel):
-    """K = exp(-|u - v|^2 / (2 sigma^2)); already normalised. Learnable log sigma.
+    """K = exp(-|u - v|^2 / (2 sigma^2)); already normalised. sigma is a buffer (log_sigma).
 
     fit: median heuristic, sigma^2 = median_{i<j} |u_i - u_j|^2 / 2, so the median pair has
     log K = CALIBRATION = -1 (Gretton's sigma = median distance would give -1/2).
@@ -229,10 +250,9 @@ class RBFKernel(Kernel):
 
     name = "rbf"
 
-    def __init__(self, sigma=1.0, learnable=False):
+    def __init__(self, sigma=1.0):
         super().__init__()
-        self.learnable = learnable
-        _store(self, "log_sigma", torch.tensor(math.log(_positive("sigma", sigma))), learnable)
+        _store(self, "log_sigma", torch.tensor(math.log(_positive("sigma", sigma))))
 
     @property
     def sigma(self):
@@ -245,11 +265,11 @@ class RBFKernel(Kernel):
     @torch.no_grad()
     def fit(self, embeddings):
         med = _median_sq_dist(_fit_sample(embeddings))
-        _store(self, "log_sigma", 0.5 * torch.log(med / (2 * -CALIBRATION)), self.learnable)
+        _store(self, "log_sigma", 0.5 * torch.log(med / (2 * -CALIBRATION)))
         return self
 
     def extra_repr(self):
-        return f"sigma={self.sigma.item():.4g}, learnable={self.learnable}"
+        return f"sigma={self.sigma.item():.4g}"
 
 
 class SpectralKernel(Kernel):
@@ -260,7 +280,7 @@ class SpectralKernel(Kernel):
     After normalisation this is a Gaussian whose precision A lives on the top-k principal directions:
     it compares embeddings by where they sit along the dominant axes of the data (the "global"
     structure) and ignores differences orthogonal to them. Positive by its exp form; PSD Gram
-    (a Gaussian kernel of the projection U'u). Learnable log lambda.
+    (a Gaussian kernel of the projection U'u). lambda and tau are buffers.
     Unfitted: U = the first k coordinate axes, lambda = 1. fit: U, lambda from the covariance of
     the unit-normalised embeddings; tau so that the median pair has log K~ = CALIBRATION.
     (Compare Mahalanobis, whose precision S^-1 weights the LOW-variance directions.)
@@ -268,13 +288,13 @@ class SpectralKernel(Kernel):
 
     name = "spectral"
 
-    def __init__(self, k=8, tau=1.0, learnable=False):
+    def __init__(self, k=8, tau=1.0):
         super().__init__()
         if not (isinstance(k, int) and k >= 1):
             raise ValueError(f"k (number of eigenpairs) must be an integer >= 1; got {k}")
-        self.k, self.learnable = k, learnable
+        self.k = k
         self.register_buffer("tau", torch.tensor(_positive("tau", tau)))  # a buffer: saved with the fit
-        _store(self, "log_lam", torch.zeros(k), learnable)
+        _store(self, "log_lam", torch.zeros(k))
         self.register_buffer("U", None)
 
     def _directions(self, d, dtype, device):
@@ -300,41 +320,35 @@ class SpectralKernel(Kernel):
         self.U = _like(self, U)
         log_lam = self.log_lam.detach().to(lam.device, torch.float64).clone()
         log_lam[:k] = lam.log()
-        _store(self, "log_lam", log_lam, self.learnable)
+        _store(self, "log_lam", log_lam)
         A = U @ torch.diag(lam) @ U.T
-        _store(self, "tau", _median_sq_dist(u, A) / (2 * -CALIBRATION), False)
+        _store(self, "tau", _median_sq_dist(u, A) / (2 * -CALIBRATION))
         return self
 
     def extra_repr(self):
-        return f"k={self.k}, tau={self.tau.item():.4g}, fitted={self.U is not None}, learnable={self.learnable}"
+        return f"k={self.k}, tau={self.tau.item():.4g}, fitted={self.U is not None}"
 
 
 class MahalanobisKernel(Kernel):
-    """K = exp(-(u - v)' S^-1 (u - v) / 2); already normalised.
+    """K = exp(-(u - v)' P (u - v) / 2) with a precision P = S^-1 (a buffer); already normalised.
 
-    S (a covariance) is given, fitted, or, with learnable=True, the precision P = S^-1 = L L' is
-    learned through a lower-triangular Cholesky factor L with a positive (exp) diagonal, so P stays
-    positive definite. Unfitted and without S: S = I (then this is the RBF kernel with sigma = 1).
-    fit: Ledoit-Wolf style shrinkage S = (1 - s) Sigma + s tr(Sigma)/d I of the covariance Sigma of
-    the unit-normalised embeddings (s = `shrinkage`; needed when d > n), then S is multiplied by
-    a scalar so that the median pair has log K = CALIBRATION (a scalar does not change the geometry).
+    S (a covariance) is given or fitted; unfitted and without S, P = I (then this is the RBF kernel
+    with sigma = 1). fit: Ledoit-Wolf style shrinkage S = (1 - s) Sigma + s tr(Sigma)/d I of the
+    covariance Sigma of the unit-normalised embeddings (s = `shrinkage`; needed when d > n), then P =
+    S^-1 is multiplied by a scalar so that the median pair has log K = CALIBRATION (a scalar does not
+    change the geometry). Nothing learns: see the module docstring for why not even the shape of P.
     """
 
     name = "mahalanobis"
 
-    def __init__(self, S=None, shrinkage=0.1, learnable=False, dim=None):
+    def __init__(self, S=None, shrinkage=0.1):
         super().__init__()
         if not 0 <= shrinkage <= 1:
             raise ValueError(f"shrinkage must lie in [0, 1]; got {shrinkage}")
-        if dim is not None and not (isinstance(dim, int) and dim >= 1):
-            raise ValueError(f"dim must be a positive integer; got {dim}")
-        self.shrinkage, self.learnable = float(shrinkage), learnable
+        self.shrinkage = float(shrinkage)
         self.register_buffer("P", None)
-        self.L_raw = None
         if S is not None:
-            self._set_precision(self._inverse(torch.as_tensor(S, dtype=torch.float64)))
-        elif learnable and dim is not None:
-            self._set_precision(torch.eye(dim, dtype=torch.float64))
+            self.P = _like(self, self._inverse(torch.as_tensor(S, dtype=torch.float64)))
 
     @staticmethod
     def _inverse(S):
@@ -345,20 +359,8 @@ class MahalanobisKernel(Kernel):
             raise ValueError("S must be positive definite (raise shrinkage if d > n)")
         return torch.cholesky_inverse(L)
 
-    def _set_precision(self, P):
-        if self.learnable:
-            L = torch.linalg.cholesky(P)
-            _store(self, "L_raw", L.tril(-1) + torch.diag(L.diagonal().log()), True)
-        else:
-            self.P = _like(self, P)
-
     def precision(self):
         """P = S^-1 ([d, d]), or None for the identity."""
-        if self.learnable:
-            if self.L_raw is None:
-                raise ValueError("MahalanobisKernel(learnable=True) needs dim=, S= or fit(embeddings) before use")
-            L = self.L_raw.tril(-1) + torch.diag(self.L_raw.diagonal().exp())
-            return L @ L.T
         return self.P
 
     def _log_k(self, u, v):
@@ -376,15 +378,15 @@ class MahalanobisKernel(Kernel):
         identity = torch.eye(d, dtype=sigma.dtype, device=sigma.device)
         S = (1 - self.shrinkage) * sigma + self.shrinkage * sigma.trace() / d * identity
         P = self._inverse(S)
-        self._set_precision(P * (2 * -CALIBRATION) / _median_sq_dist(u, P))
+        self.P = _like(self, P * (2 * -CALIBRATION) / _median_sq_dist(u, P))
         return self
 
     def extra_repr(self):
-        return f"shrinkage={self.shrinkage}, learnable={self.learnable}"
+        return f"shrinkage={self.shrinkage}, fitted={self.P is not None}"
 
 
 class HMKKernel(Kernel):
-    """Hierarchical Mixture of Kernels (paper-notes section 5):
+    """Hierarchical Mixture of Kernels (Das et al. 2025, HMK):
 
         K = tau_L (a_rbf K_rbf + a_poly K_poly) + tau_G (a_spec K_spec + a_maha K_maha),
 
@@ -394,23 +396,28 @@ class HMKKernel(Kernel):
     normalised and the w_c sum to 1, so K(x, x) = 1 as well. `entropy()` is the sum of the three
     groups' Shannon entropies (at most 3 log 2, at uniform weights); the loss subtracts eta times it
     so that the weights do not collapse onto one kernel.
-    With learnable=True the Mahalanobis Cholesky factor needs d: pass dim= or call fit() before use,
-    and build the optimiser after fit() (fit updates parameters in place, so the order is only a
-    matter of shapes).
+    Only the six logits are parameters. The components are calibrated by `fit` and frozen (buffers):
+    the paper leaves open what HMK learns besides its weights; we pick the option under which the
+    mixture chooses between kernels but cannot sharpen them (module docstring), so the margin of the
+    mixture stays between the smallest and the largest of its components' margins, pair by pair.
     """
 
     name = "hmk"
     COMPONENTS = ("rbf", "poly", "spec", "maha")
 
-    def __init__(self, dim=None, degree=2, k=8, shrinkage=0.1, learnable=True):
+    def __init__(self, degree=2, k=8, shrinkage=0.1):
         super().__init__()
-        self.rbf = RBFKernel(learnable=learnable)
-        self.poly = PolynomialKernel(degree=degree, learnable=learnable)
-        self.spec = SpectralKernel(k=k, learnable=learnable)
-        self.maha = MahalanobisKernel(shrinkage=shrinkage, learnable=learnable, dim=dim)
+        self.rbf = RBFKernel()
+        self.poly = PolynomialKernel(degree=degree)
+        self.spec = SpectralKernel(k=k)
+        self.maha = MahalanobisKernel(shrinkage=shrinkage)
         self.tau_logits = nn.Parameter(torch.zeros(2))     # (tau_L, tau_G)
         self.local_logits = nn.Parameter(torch.zeros(2))   # (a_rbf, a_poly)
         self.global_logits = nn.Parameter(torch.zeros(2))  # (a_spec, a_maha)
+
+    def components(self):
+        """The four component kernels, in the order of COMPONENTS."""
+        return (self.rbf, self.poly, self.spec, self.maha)
 
     def log_weights(self):
         """log w_c for c in COMPONENTS: log tau_group + log a_c, [4]."""
@@ -419,8 +426,7 @@ class HMKKernel(Kernel):
                           log_tau[1] + F.log_softmax(self.global_logits, -1)])
 
     def _log_k(self, u, v):
-        comps = torch.stack([self.rbf._log_k(u, v), self.poly._log_k(u, v),
-                             self.spec._log_k(u, v), self.maha._log_k(u, v)], -1)
+        comps = torch.stack([kernel._log_k(u, v) for kernel in self.components()], -1)
         return torch.logsumexp(comps + self.log_weights().to(comps.dtype), -1)
 
     def entropy(self):
@@ -439,7 +445,7 @@ class HMKKernel(Kernel):
 
     @torch.no_grad()
     def fit(self, embeddings):
-        for kernel in (self.rbf, self.poly, self.spec, self.maha):
+        for kernel in self.components():
             kernel.fit(embeddings)
         return self
 
@@ -456,6 +462,9 @@ def get(name, **params):
         return name
     if name not in _CLASSES:
         raise ValueError(f"unknown kernel {name!r}; choose one of {NAMES}")
+    if "learnable" in params:
+        raise ValueError("learnable: kernel scales come from fit() and are not trained (see kdpo_lab.kernels); "
+                         "only the HMK's mixture weights learn")
     try:
         return _CLASSES[name](**params)
     except TypeError as err:

@@ -22,8 +22,8 @@ def one_thread():
 
 LINKED = [n for n in D.NAMES if n != "wasserstein"]
 # every divergence with non-default parameters too, as (name, params)
-CASES = [(n, {}) for n in D.NAMES] + [("renyi", {"order": 0.3}), ("renyi", {"order": 2.0}),
-                                      ("alpha", {"alpha": 0.2}), ("alpha", {"alpha": 0.9})]
+CASES = [(n, {}) for n in D.NAMES] + [("renyi", {"order": 0.5}), ("renyi", {"order": 2.0}),
+                                      ("alpha", {"alpha": 0.2}), ("alpha", {"alpha": 0.5}), ("alpha", {"alpha": 0.9})]
 LINK_CASES = [(n, p) for n, p in CASES if n != "wasserstein"]
 
 
@@ -52,12 +52,12 @@ def numpy_penalty(name, p, q, params):
     if name == "hellinger":
         return ((np.sqrt(p) - np.sqrt(q)) ** 2).sum(-1)
     if name == "renyi":
-        a = params.get("order", 0.5)
+        a = params.get("order", 0.3)  # default order 0.3 (was 0.5 before the seven were made distinct)
         return np.log((p ** a * q ** (1 - a)).sum(-1)) / (a - 1)
     if name == "bhattacharyya":
         return -np.log(np.sqrt(p * q).sum(-1))
     if name == "alpha":
-        a = params.get("alpha", 0.5)
+        a = params.get("alpha", 0.3)  # default alpha 0.3 (was 0.5)
         return ((p ** (1 - a) * q ** a).sum(-1) - 1) / (a * (a - 1))
     if name == "chi2":
         return (p ** 2 / q).sum(-1) - 1
@@ -119,7 +119,7 @@ RHO = torch.linspace(-6.0, 6.0, 49, dtype=torch.float64)
 
 
 def closed_form_link(name, rho, params):
-    """The link scores as written in paper-notes section 2 (TRL's scores for kl/forward_kl/js/alpha)."""
+    """The link scores f'(e^rho) - f'(1) as written by hand (TRL's scores for kl/forward_kl/js/alpha)."""
     if name == "kl":
         return rho
     if name == "forward_kl":
@@ -129,10 +129,10 @@ def closed_form_link(name, rho, params):
     if name in ("hellinger", "bhattacharyya"):
         return 1 - np.exp(-rho / 2)
     if name == "renyi":  # TRL alpha_divergence with f_alpha_divergence_coef = order
-        c = params.get("order", 0.5)
+        c = params.get("order", 0.3)
         return (np.exp((c - 1) * rho) - 1) / (c - 1)
     if name == "alpha":  # TRL alpha_divergence with f_alpha_divergence_coef = 1 - alpha
-        c = 1 - params.get("alpha", 0.5)
+        c = 1 - params.get("alpha", 0.3)
         return (np.exp((c - 1) * rho) - 1) / (c - 1)
     if name == "chi2":
         return 2 * (np.exp(rho) - 1)
@@ -182,7 +182,7 @@ def test_link_slope_is_f_second_derivative_times_u():
     r = RHO
     slopes = {"kl": torch.ones_like(r), "forward_kl": torch.exp(-r), "js": torch.sigmoid(-r),
               "hellinger": 0.5 * torch.exp(-r / 2), "bhattacharyya": 0.5 * torch.exp(-r / 2),
-              "renyi": torch.exp(-0.5 * r), "alpha": torch.exp(-0.5 * r), "chi2": 2 * torch.exp(r)}
+              "renyi": torch.exp(-0.7 * r), "alpha": torch.exp(-0.3 * r), "chi2": 2 * torch.exp(r)}  # defaults 0.3
     for name, expected in slopes.items():
         torch.testing.assert_close(D.link_slope(name, r), expected, msg=name)
 
@@ -190,6 +190,47 @@ def test_link_slope_is_f_second_derivative_times_u():
 def test_renyi_link_is_alpha_link_with_alpha_one_minus_order():
     for order in (0.2, 0.5, 0.8):
         torch.testing.assert_close(D.get("renyi", order=order).link(RHO), D.get("alpha", alpha=1 - order).link(RHO))
+
+
+# ---------------------------------------------------------------- seven distinct losses
+
+def proportional(a, b, tol=1e-6):
+    """a = c * b for one constant c (least squares residual relative to |a|)."""
+    c = (a * b).sum() / (b * b).sum()
+    return float((a - c * b).norm() / a.norm()) < tol
+
+
+def column(div):
+    """The loss a grid column uses at divergence_form="auto": (link on RHO, penalty on random pairs or None)."""
+    logp, _ = dirichlet((40,), 16, seed=61)
+    logq, _ = dirichlet((40,), 16, seed=62)
+    if div.has_link:
+        return div.link(RHO), None
+    return D.get("kl").link(RHO), div.penalty(logp, logq)
+
+
+def same_loss(a, b):
+    """Equal up to a factor on z (absorbed by beta) and a factor on the penalty (absorbed by lam)."""
+    (link_a, pen_a), (link_b, pen_b) = a, b
+    if (pen_a is None) != (pen_b is None):
+        return False
+    return proportional(link_a, link_b) and (pen_a is None or proportional(pen_a, pen_b))
+
+
+def test_no_two_of_the_paper_seven_are_the_same_loss_at_default_parameters():
+    seven = {name: column(D.get(name)) for name in D.PAPER_SEVEN}
+    same = [(a, b) for i, a in enumerate(seven) for b in list(seven)[i + 1:] if same_loss(seven[a], seven[b])]
+    assert same == []
+    # the criterion sees the duplicates of the former defaults (Renyi 0.5, alpha 0.5, Bhattacharyya as a link)
+    hellinger = column(D.get("hellinger"))
+    for old in (D.get("renyi", order=0.5), D.get("alpha", alpha=0.5), D.Hellinger()):
+        assert same_loss(column(old), hellinger)
+    assert proportional(D.get("bhattacharyya").link(RHO), hellinger[0])  # its link would be Hellinger's
+
+
+def test_renyi_and_alpha_defaults_sit_on_either_side_of_hellinger():
+    assert D.get("alpha").alpha == 0.3 and D.get("renyi").order == 0.3  # links s_0.3 and s_0.7
+    torch.testing.assert_close(D.get("renyi").link(RHO), D.get("alpha", alpha=0.7).link(RHO))
 
 
 # ---------------------------------------------------------------- limits
@@ -454,7 +495,8 @@ def test_registry_holds_the_paper_seven_and_returns_instances():
     for name in D.NAMES:
         div = D.get(name)
         assert div.name == name and D.get(div) is div
-    assert not D.get("wasserstein").has_link and all(D.get(n).has_link for n in LINKED)
+    penalty_only = {"wasserstein", "bhattacharyya"}
+    assert all(D.get(n).has_link == (n not in penalty_only) for n in D.NAMES)
 
 
 def test_unknown_name_lists_the_valid_names():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist, mahalanobis
 
-from kdpo_lab import kernels
+from kdpo_lab import kernels, losses
 
 D = 6
 
@@ -24,7 +24,7 @@ def data():
 
 def make(name, E=None):
     """A fitted (when E is given) kernel of each kind; the HMK at non-uniform weights."""
-    params = {"spectral": {"k": 3}, "hmk": {"k": 3, "dim": D}}.get(name, {})
+    params = {"spectral": {"k": 3}, "hmk": {"k": 3}}.get(name, {})
     kernel = kernels.get(name, **params)
     if E is not None:
         kernel.fit(E)
@@ -166,9 +166,8 @@ def test_rbf_matches_scipy_squared_euclidean(data):
     np.testing.assert_allclose(rbf(data[:, None], data[None]).detach().numpy(), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("learnable", [False, True])
-def test_mahalanobis_matches_scipy_mahalanobis(learnable, data):
-    maha = kernels.get("mahalanobis", learnable=learnable).fit(data)
+def test_mahalanobis_matches_scipy_mahalanobis(data):
+    maha = kernels.get("mahalanobis").fit(data)
     P = maha.precision().detach().double().numpy()
     u = unit_np(data.numpy())
     expected = -cdist(u, u, "mahalanobis", VI=P) ** 2 / 2
@@ -213,13 +212,15 @@ def test_polynomial_fit_clips_c_above_one_for_concentrated_data():
     assert poly.c.item() == pytest.approx(1 + poly.C_MIN_FIT, rel=1e-4)
 
 
-def test_fit_updates_learnable_parameters_in_place(data):
-    hmk = kernels.get("hmk", k=3, dim=D)
+def test_fit_updates_buffers_in_place_and_leaves_the_hmk_logits_alone(data):
+    hmk = kernels.get("hmk", k=3)
     before = {name: id(p) for name, p in hmk.named_parameters()}
-    sigma_before = hmk.rbf.sigma.item()
+    sigma = hmk.rbf.log_sigma
+    sigma_before = sigma.item()
     hmk.fit(data)
     assert {name: id(p) for name, p in hmk.named_parameters()} == before  # optimiser references stay valid
-    assert hmk.rbf.sigma.item() != sigma_before
+    assert hmk.rbf.log_sigma is sigma and sigma.item() != sigma_before
+    assert set(hmk.weights().values()) == {0.5, 0.25}
 
 
 # ---- gradients and edge cases ------------------------------------------------------------------------
@@ -253,15 +254,25 @@ def test_every_hmk_parameter_receives_a_nonzero_gradient(data):
     e_x, e_w, e_l = data[:10], data[10:20], data[20:30]
     loss = -torch.nn.functional.logsigmoid(kernels.kernel_margin(hmk, e_x, e_w, e_l)).mean()
     loss.backward()
-    names = [name for name, _ in hmk.named_parameters()]
-    assert {"tau_logits", "local_logits", "global_logits", "rbf.log_sigma", "poly.c_raw", "spec.log_lam",
-            "maha.L_raw"} <= set(names)
     for name, p in hmk.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_only_the_hmk_mixture_logits_are_parameters(data):
+    assert [name for name, _ in make("hmk", data).named_parameters()] == ["tau_logits", "local_logits",
+                                                                          "global_logits"]
+    for name in kernels.NAMES[:-1]:
+        assert list(make(name, data).parameters()) == [], name  # scales are calibrated buffers
+
+
+def test_a_learnable_scale_is_refused():
+    for name in ("rbf", "polynomial", "spectral", "mahalanobis", "hmk"):
+        with pytest.raises(ValueError, match="fit"):
+            kernels.get(name, learnable=True)
+
+
 def test_hmk_entropy_is_maximal_at_uniform_weights():
-    hmk = kernels.get("hmk", dim=D)
+    hmk = kernels.get("hmk")
     assert hmk.entropy().item() == pytest.approx(3 * math.log(2))
     assert set(hmk.weights().values()) == {0.5, 0.25}
     g = torch.Generator().manual_seed(0)
@@ -308,8 +319,6 @@ def test_shape_mismatch_and_unusable_inputs_raise_value_error():
         rbf(torch.randn(3, 4), torch.randn(2, 4))
     with pytest.raises(ValueError, match="fit"):
         rbf.fit(torch.randn(1, 4))
-    with pytest.raises(ValueError, match="dim="):
-        kernels.get("mahalanobis", learnable=True)(torch.randn(3, 4), torch.randn(3, 4))
     with pytest.raises(ValueError, match="fitted on d"):
         kernels.get("spectral", k=2).fit(torch.randn(10, 4))(torch.randn(3, 5), torch.randn(3, 5))
 
@@ -318,7 +327,7 @@ def test_shape_mismatch_and_unusable_inputs_raise_value_error():
 
 def test_fitted_state_survives_a_state_dict_round_trip(data):
     fitted = make("hmk", data)
-    fresh = kernels.get("hmk", k=3, dim=D).fit(data[:5] + 1.0)  # same shapes, other values
+    fresh = kernels.get("hmk", k=3).fit(data[:5] + 1.0)  # same shapes, other values
     fresh.load_state_dict(fitted.state_dict())
     torch.testing.assert_close(fresh(data[:20], data[20:]), fitted(data[:20], data[20:]))
 
@@ -340,3 +349,67 @@ def test_toy_pairs_are_ranked_locally_or_globally_as_constructed():
     assert accuracy["rbf"][0] > 0.95 and 0.35 < accuracy["rbf"][1] < 0.65  # local: right; global: chance
     assert accuracy["spectral"][1] > 0.95 and accuracy["spectral"][0] < 0.75  # global: right; local: near chance
     assert accuracy["mahalanobis"][0] > 0.95 and accuracy["mahalanobis"][1] < 0.05  # global: wrong
+
+
+# ---- the kernel term cannot rescale itself: the kernel trained alone against a frozen policy ------------
+
+def toy_run():
+    """Toy pairs (as notebook 04), an HMK fitted on them, and its components' margin stds after fit."""
+    e_x, e_w, e_l, _ = kernels.toy_embedding_pairs(n=256, seed=0)
+    hmk = kernels.get("hmk", k=2).fit(torch.cat([e_x, e_w, e_l]))
+    stds = [kernels.kernel_margin(c, e_x, e_w, e_l).std(unbiased=False).item() for c in hmk.components()]
+    return (e_x, e_w, e_l), hmk, stds
+
+
+def test_normalising_leaves_linear_and_polynomial_margins_but_not_spectral_ones(data):
+    u = kernels.unit(data)
+    x, w, l = u[:10], u[10:20], u[20:30]
+    poly, lin, spec = (k.double() for k in (make("polynomial", data), kernels.get("linear", tau=0.7), make("spectral", data)))
+    raw_poly = lambda a, b: poly.degree * torch.log((a * b).sum(-1) + poly.c)
+    torch.testing.assert_close(kernels.kernel_margin(poly, x, w, l), raw_poly(x, w) - raw_poly(x, l))
+    torch.testing.assert_close(kernels.kernel_margin(lin, x, w, l), ((x * w).sum(-1) - (x * l).sum(-1)) / 0.7)
+    A = spec.U @ torch.diag(spec.log_lam.exp()) @ spec.U.T / spec.tau  # raw log K(a, b) = a'Ab
+    raw = ((x @ A) * w).sum(-1) - ((x @ A) * l).sum(-1)
+    self_term = ((w @ A) * w).sum(-1) - ((l @ A) * l).sum(-1)  # log K(w, w) - log K(l, l): depends on w, l
+    assert self_term.abs().max() > 1e-3
+    torch.testing.assert_close(kernels.kernel_margin(spec, x, w, l), raw - self_term / 2)
+
+
+def test_hmk_margin_lies_between_its_components_margins_pair_by_pair(data):
+    hmk = make("hmk", data)  # non-uniform weights
+    e_x, e_w, e_l = data[:10], data[10:20], data[20:30]
+    comps = torch.stack([kernels.kernel_margin(c, e_x, e_w, e_l) for c in hmk.components()])
+    margin = kernels.kernel_margin(hmk, e_x, e_w, e_l).detach()
+    assert (margin >= comps.min(0).values - 1e-9).all() and (margin <= comps.max(0).values + 1e-9).all()
+
+
+def test_single_kernels_trained_alone_keep_their_margin_exactly():
+    (e_x, e_w, e_l), hmk, stds = toy_run()
+    for index, kernel in enumerate(hmk.components()):
+        history = losses.train_kernel_alone(kernel, e_x, e_w, e_l, losses.KernelOnlyRun(steps=20))
+        assert history.margin_std.tolist() == [pytest.approx(stds[index], rel=1e-6)] * 21
+
+
+def test_hmk_margin_std_cannot_grow_past_twice_its_largest_component():
+    (e_x, e_w, e_l), hmk, stds = toy_run()
+    history = losses.train_kernel_alone(hmk, e_x, e_w, e_l, losses.KernelOnlyRun(steps=400))
+    assert history.margin_std.max() < 2 * max(stds)
+
+
+def test_hmk_weights_move_when_trained_alone_but_none_exceeds_0_9_at_default_eta():
+    (e_x, e_w, e_l), hmk, _ = toy_run()
+    history = losses.train_kernel_alone(hmk, e_x, e_w, e_l, losses.KernelOnlyRun(steps=400, eta=0.01))
+    w = history[[f"w_{c}" for c in hmk.COMPONENTS]]
+    assert (w.iloc[0] == 0.25).all() and (w.iloc[-1] - 0.25).abs().max() > 0.1  # the weights learn
+    assert w.to_numpy().max() < 0.9  # no collapse onto one kernel
+    np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-6)
+
+
+def test_entropy_term_leaves_the_hmk_weights_more_spread_than_without():
+    (e_x, e_w, e_l), _, _ = toy_run()
+    entropy = {}
+    for eta in (0.0, 0.1):
+        hmk = toy_run()[1]
+        losses.train_kernel_alone(hmk, e_x, e_w, e_l, losses.KernelOnlyRun(steps=150, eta=eta))
+        entropy[eta] = hmk.entropy().item()
+    assert entropy[0.1] > entropy[0.0] + 0.01

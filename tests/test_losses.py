@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdpo_lab import divergences, kernels
+from kdpo_lab import divergences, kernels, losses
 from kdpo_lab.losses import LOSS_TYPES, kernel_dpo_loss
 
 D = torch.float64
@@ -234,6 +234,47 @@ def test_loss_agrees_with_trl(ours, theirs, seed):
     assert m["rewards/accuracies"].mean().item() == pytest.approx(trl_metrics["rewards/accuracies"][0])
 
 
+# ---------------------------------------------------------------- the kernel term's share of z
+
+def test_kernel_share_and_margin_std_match_their_definitions():
+    pi_w, pi_l, ref_w, ref_l = random_logps(b=16, scale=0.5)
+    e_x, e_w, e_l = torch.randn(3, 16, 8, dtype=D)
+    kernel, beta, gamma = kernels.get("rbf", sigma=0.5).double(), 0.2, 0.7
+    _, m = kernel_dpo_loss(pi_w, pi_l, ref_w, ref_l, beta=beta, kernel=kernel, gamma=gamma, e_x=e_x, e_w=e_w, e_l=e_l)
+    margin = kernels.kernel_margin(kernel, e_x, e_w, e_l)
+    prob = (beta * ((pi_w - ref_w) - (pi_l - ref_l))).abs().mean()
+    share = (gamma * margin).abs().mean() / (prob + (gamma * margin).abs().mean())
+    torch.testing.assert_close(m["kernel/share"], share.expand(16))
+    torch.testing.assert_close(m["kernel/margin_std"], margin.std(unbiased=False).expand(16))
+    assert 0 < share < 1
+
+
+def test_kernel_share_is_one_at_the_reference_and_zero_without_gamma():
+    zeros = torch.zeros(8, dtype=D)
+    e_x, e_w, e_l = torch.randn(3, 8, 4, dtype=D)
+    kw = dict(kernel=kernels.get("rbf").double(), e_x=e_x, e_w=e_w, e_l=e_l)
+    _, at_start = kernel_dpo_loss(zeros, zeros, zeros, zeros, gamma=0.5, **kw)  # rho = 0: z is all kernel
+    assert torch.equal(at_start["kernel/share"], torch.ones(8, dtype=D))
+    pi_w, pi_l, ref_w, ref_l = random_logps(b=8)
+    _, off = kernel_dpo_loss(pi_w, pi_l, ref_w, ref_l, gamma=0.0, **kw)
+    assert torch.equal(off["kernel/share"], torch.zeros(8, dtype=D))
+    _, nothing = kernel_dpo_loss(zeros, zeros, zeros, zeros, gamma=0.0, **kw)  # both terms vanish: 0, not nan
+    assert torch.equal(nothing["kernel/share"], torch.zeros(8, dtype=D))
+
+
+def test_kernel_trained_alone_reports_one_row_per_step():
+    e_x, e_w, e_l, _ = kernels.toy_embedding_pairs(n=32, seed=0)
+    hmk = kernels.get("hmk", k=2).fit(torch.cat([e_x, e_w, e_l]))
+    history = losses.train_kernel_alone(hmk, e_x, e_w, e_l, losses.KernelOnlyRun(steps=5))
+    assert list(history.step) == list(range(6))
+    assert {"loss", "margin_std", "accuracy", "w_rbf", "w_poly", "w_spec", "w_maha"} <= set(history.columns)
+    zeros = torch.zeros(32)
+    first, _ = kernel_dpo_loss(zeros, zeros, zeros, zeros, kernel=kernels.get("hmk", k=2).fit(torch.cat([e_x, e_w, e_l])),
+                               gamma=0.5, eta=0.01, e_x=e_x, e_w=e_w, e_l=e_l)
+    assert history.loss[0] == pytest.approx(first.mean().item())
+    assert history.loss.iloc[-1] < history.loss[0]
+
+
 # ---------------------------------------------------------------- numerics at the extremes
 
 EXTREME_RHO = torch.tensor([-1e4, -50.0, -1.0, 0.0, 1.0, 50.0, 1e4], dtype=D)
@@ -265,8 +306,8 @@ def test_every_pair_is_finite_at_extremes(div_name, kernel_name, dtype):
     ref_logits = torch.randn(2 * b, t_len, v, dtype=dtype) * 1e4
     kernel = kernels.get(kernel_name).to(dtype).fit(torch.randn(64, 8, dtype=dtype))
     zeros = torch.zeros(b, dtype=dtype)
-    loss, _ = kernel_dpo_loss(pi_w, pi_l, zeros, zeros, beta=0.1, divergence=div_name, divergence_form="penalty"
-                              if div_name == "wasserstein" else "link", kernel=kernel, gamma=0.5, eta=0.1,
+    loss, _ = kernel_dpo_loss(pi_w, pi_l, zeros, zeros, beta=0.1, divergence=div_name, divergence_form="auto",
+                              kernel=kernel, gamma=0.5, eta=0.1,
                               e_x=e_x, e_w=e_w, e_l=e_l, pi_logits=pi_logits, ref_logits=ref_logits,
                               response_mask=torch.ones(2 * b, t_len, dtype=dtype))
     assert torch.isfinite(loss).all()
@@ -311,6 +352,10 @@ def test_every_loss_type_is_finite_at_extremes(loss_type):
     (dict(loss_type="robust", label_smoothing=0.5), "label_smoothing"),
     (dict(length_normalize=True), "len_w"),
     (dict(divergence="wasserstein", divergence_form="link"), "penalty"),
+    (dict(divergence="bhattacharyya", divergence_form="link"), "no link form"),
+    (dict(divergence="bhattacharyya"), "pi_logits"),  # auto: the penalty form
+    (dict(lam=-1.0), "lam"),
+    (dict(eta=-1.0), "eta"),
     (dict(divergence="kl", divergence_form="penalty"), "pi_logits"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, message):
