@@ -406,14 +406,15 @@ def sequence_logps(model, input_ids, attention_mask, response_mask, return_hidde
     computed as gather - logsumexp in float32 (even for a bf16 model), never a full log-softmax.
     The output layer runs only on the positions that predict a response token (the last hidden
     state gathered there), not on prompt and padding positions; models whose output layer is
-    followed by a logit scaling or soft-capping (and return_logits=True) take the full logits.
+    followed by a logit scaling or soft-capping take the full logits (`_head_on_positions`).
     Returns a dict:
         logps [N] float32: sum of token_logps;  n_tokens [N] float32: response tokens per row;
         token_logps [N, T-1] (zero off the response);  mask [N, T-1]: response_mask[:, 1:];
         hidden [N, T, H] (if return_hidden): the last hidden state (after the final norm), aligned
             with input_ids, with gradient;
         logits [N, T-1, V] (if return_logits): the shifted logits in the model's dtype, row t-1
-            predicting token t; use with `mask` (e.g. divergences.token_penalty).
+            predicting token t, at the response positions (zero elsewhere, where the output layer
+            did not run); use with `mask` (e.g. divergences.token_penalty).
     response_mask[:, 0] must be 0: the first token has no prediction.
     """
     if not (input_ids.shape == attention_mask.shape == response_mask.shape):
@@ -424,7 +425,7 @@ def sequence_logps(model, input_ids, attention_mask, response_mask, return_hidde
         raise ValueError("response_mask[:, 0] must be 0: the first token has no prediction")
     labels = input_ids[:, 1:]
     mask = response_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
-    if return_logits or not _head_on_positions(model):
+    if not _head_on_positions(model):
         out = model(input_ids=input_ids, attention_mask=attention_mask,
                     output_hidden_states=return_hidden, use_cache=False)
         logits = out.logits[:, :-1]
@@ -434,10 +435,13 @@ def sequence_logps(model, input_ids, attention_mask, response_mask, return_hidde
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                     use_cache=False, logits_to_keep=1)
         h = out.hidden_states[-1][:, :-1][mask]                     # [M, H], M response tokens
-        logits = model.get_output_embeddings()(h)                     # [M, V]
-        picked = logits.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1).float()
+        head = model.get_output_embeddings()(h)                       # [M, V]
+        picked = head.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1).float()
         token_logps = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(
-            mask, picked - torch.logsumexp(logits.float(), dim=-1))
+            mask, picked - torch.logsumexp(head.float(), dim=-1))
+        if return_logits:
+            logits = head.new_zeros((*mask.shape, head.shape[-1]))
+            logits[mask] = head
     result = {"logps": token_logps.sum(-1), "n_tokens": mask.sum(-1).float(),
               "token_logps": token_logps, "mask": mask.float()}
     if return_hidden:

@@ -47,13 +47,16 @@ def test_response_only_head_gives_the_full_logits_logps_and_gradients(arch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_response_only_head_token_logps_are_zero_off_the_response():
+def test_returned_logits_are_the_models_at_response_positions_and_zero_elsewhere():
     model = M.build_model(M.tiny_config("llama", vocab_size=200, d_model=32, n_layers=2, n_heads=2, max_len=32))
     ids, am, rm = padded_batch(seed=2)
-    out = M.sequence_logps(model, ids, am, rm)
-    with_logits = M.sequence_logps(model, ids, am, rm, return_logits=True)  # full-logits path
-    assert (out["token_logps"][rm[:, 1:] == 0] == 0).all() and (out["token_logps"][rm[:, 1:] == 1] < 0).all()
-    torch.testing.assert_close(out["token_logps"], with_logits["token_logps"], atol=1e-5, rtol=1e-5)
+    out = M.sequence_logps(model, ids, am, rm, return_logits=True)
+    full = model(input_ids=ids, attention_mask=am).logits[:, :-1]
+    on = rm[:, 1:].bool()
+    torch.testing.assert_close(out["logits"][on], full[on], atol=1e-5, rtol=1e-5)
+    assert (out["logits"][~on] == 0).all()
+    assert (out["token_logps"][~on] == 0).all() and (out["token_logps"][on] < 0).all()
+    torch.testing.assert_close(out["logps"], full_logits_logps(model, ids, am, rm), atol=1e-5, rtol=1e-5)
 
 
 def test_a_model_with_logit_soft_capping_takes_the_full_logits():
