@@ -1,7 +1,7 @@
 """Speed of kdpo_lab, measured (never asserted in a test): prints markdown tables.
 
-    .venv/bin/python bench/bench.py            # the full tables (a few minutes on 2 CPU cores)
-    .venv/bin/python bench/bench.py --quick    # fewer sizes and repeats (1-2 minutes)
+    .venv/bin/python bench/bench.py --threads 1           # the full tables (10-20 minutes on 2 busy CPU cores)
+    .venv/bin/python bench/bench.py --threads 1 --quick   # fewer sizes, repeats, rounds and steps
 
 1. Loss only: forward + backward of the preference loss from per-token log-probs, ours
    (`losses.kernel_dpo_loss`) against TRL 1.16's own loss code (`DPOTrainer._compute_loss`, fed the same
