@@ -1,7 +1,7 @@
 """Speed of kdpo_lab, measured (never asserted in a test): prints markdown tables.
 
-    .venv/bin/python bench/bench.py            # the full tables (a few minutes on 2 CPU cores)
-    .venv/bin/python bench/bench.py --quick    # fewer sizes and repeats (1-2 minutes)
+    .venv/bin/python bench/bench.py --threads 1           # the full tables (10-20 minutes on 2 busy CPU cores)
+    .venv/bin/python bench/bench.py --threads 1 --quick   # fewer sizes, repeats, rounds and steps
 
 1. Loss only: forward + backward of the preference loss from per-token log-probs, ours
    (`losses.kernel_dpo_loss`) against TRL 1.16's own loss code (`DPOTrainer._compute_loss`, fed the same
@@ -9,12 +9,18 @@
    Wasserstein penalty (which needs [2B, T, V] logits).
 2. Training step: one optimisation step of a tiny Llama built from a config (`training.train`, its own
    per-step timer in metrics.jsonl) for several losses, and TRL's DPOTrainer on the same model size and data.
+3. Long responses: the same step with ~256-token responses (DPO against the Wasserstein penalty).
 
-Every figure is the median of several repeats after warm-up. See bench/README.md for what the columns mean.
+Variants are interleaved (round-robin, so a load change on a shared machine hits all of them alike); every
+figure is a median after warm-up of the process's CPU time (time spent descheduled by other jobs on a shared
+machine is not counted; wall time is shown for the loss). CPU only: no GPU figure is measured here.
+See bench/README.md.
 """
 import argparse
+import json
 import math
 import os
+import random
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars from TRL / datasets (read when tqdm is imported)
 import platform
@@ -24,12 +30,13 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from kdpo_lab import batching, divergences, kernels, loading, models, suite, training
+from kdpo_lab import batching, divergences, kernels, loading, models, ordering, suite, training
 from kdpo_lab.config import TrainConfig
 from kdpo_lab.losses import kernel_dpo_loss
 
@@ -40,26 +47,31 @@ def machine():
     import transformers
     import trl
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    gpu = ("" if torch.cuda.is_available() else
+           " (CPU only: no GPU here, so no GPU figure, tokens per second on a GPU or model FLOPs utilisation)")
     return (f"- machine: {platform.node()}, {cores} cores available, load average (1/5/15 min) {load}\n"
             f"- torch {torch.__version__} with {torch.get_num_threads()} threads, transformers {transformers.__version__}, "
             f"trl {trl.__version__}, python {platform.python_version()}\n"
-            f"- device: {device}")
+            f"- device: {device}{gpu}")
 
 
-def median_ms(fn, repeats, warmup=2, budget_s=10.0):
-    """Median wall time of fn() in ms over `repeats` calls after `warmup` calls, and the repeats made:
-    fewer (at least 3) when one call is so slow that `repeats` would exceed budget_s."""
+def interleaved_ms(fns, repeats, warmup=2, budget_s=20.0):
+    """{name: (median wall ms, median CPU ms, repeats)} of the calls fns[name]() made round-robin: `warmup`
+    rounds untimed, then `repeats` timed rounds (fewer, at least 3, when a round would exceed budget_s)."""
     t0 = time.perf_counter()
     for _ in range(warmup):
-        fn()
-    first = (time.perf_counter() - t0) / max(1, warmup)
-    repeats = max(3, min(repeats, int(budget_s / max(first, 1e-9))))
-    times = []
+        for fn in fns.values():
+            fn()
+    per_round = (time.perf_counter() - t0) / max(1, warmup)
+    repeats = max(3, min(repeats, int(budget_s / max(per_round, 1e-9))))
+    wall, cpu = defaultdict(list), defaultdict(list)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times), repeats
+        for name, fn in fns.items():
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    return {name: (1e3 * statistics.median(wall[name]), 1e3 * statistics.median(cpu[name]), repeats) for name in fns}
 
 
 def table(rows, columns):
@@ -140,8 +152,10 @@ def loss_variants(d):
         "alpha link (0.5)": (dict(divergence=divergences.get("alpha", alpha=0.5)),
                              dict(f_divergence_type="alpha_divergence", coef=0.5)),
         "hybrid RBF": (dict(kernel=kernels.get("rbf").fit(e), gamma=0.5), None),
-        "HMK (eta 0.01)": (dict(kernel=kernels.get("hmk", dim=d).fit(e), gamma=0.5, eta=0.01), None),
+        "HMK (eta 0.01)": (dict(kernel=kernels.get("hmk").fit(e), gamma=0.5, eta=0.01), None),
         "Wasserstein penalty": (dict(divergence="wasserstein", divergence_form="penalty", lam=0.1), None),
+        "Wasserstein, embedding ground": (dict(divergence=divergences.get("wasserstein", token_embeddings=torch.randn(
+            512, 64, generator=torch.Generator().manual_seed(2))), divergence_form="penalty", lam=0.1), None),
     }
 
 
@@ -149,13 +163,19 @@ def bench_losses(sizes, repeats, T=32, V=512, d=256):
     rows = []
     for B in sizes:
         x = loss_inputs(B, T, V, d)
-        base = None
+        fns = {}
         for name, (kw_ours, kw_trl) in loss_variants(d).items():
-            ms, n = median_ms(ours(x, **kw_ours), repeats)
-            base = base or ms
-            ms_trl, _ = median_ms(trl(x, **kw_trl), repeats) if kw_trl is not None else (float("nan"), 0)
-            rows.append({"loss": name, "B pairs": B, "kdpo_lab ms": ms, "TRL ms": ms_trl,
-                         "kdpo_lab / TRL": ms / ms_trl, "x DPO (ours)": ms / base, "repeats": n})
+            fns[name] = ours(x, **kw_ours)
+            if kw_trl is not None:
+                fns["TRL " + name] = trl(x, **kw_trl)
+        timed = interleaved_ms(fns, repeats)
+        base = timed["DPO (kl link)"][1]
+        for name in loss_variants(d):
+            wall, cpu, n = timed[name]
+            cpu_trl = timed["TRL " + name][1] if "TRL " + name in timed else float("nan")
+            rows.append({"loss": name, "B pairs": B, "kdpo_lab CPU ms": cpu, "kdpo_lab wall ms": wall,
+                         "TRL CPU ms": cpu_trl, "kdpo_lab / TRL": cpu / cpu_trl, "x DPO (ours)": cpu / base,
+                         "repeats": n})
     return rows
 
 
@@ -163,6 +183,7 @@ def bench_losses(sizes, repeats, T=32, V=512, d=256):
 
 STEP_VARIANTS = {
     "DPO (kl)": dict(divergence="kl"),
+    "DPO (kl), length-grouped": dict(divergence="kl"),
     "hybrid RBF": dict(kernel="rbf", gamma=0.5),
     "HMK": dict(kernel="hmk", gamma=0.5, eta=0.01),
     "JS link": dict(divergence="js"),
@@ -171,46 +192,97 @@ STEP_VARIANTS = {
 MODEL = dict(model="tiny-llama", d_model=256, n_layers=4, n_heads=4, vocab_size=1024)
 
 
-def step_config(out, steps, **loss):
-    return TrainConfig(output_dir=str(out), data=str(suite.SUITE_DIR), max_train_pairs=256, max_eval_pairs=8,
-                                per_device_train_batch_size=8, max_steps=steps, warmup_steps=1, logging_steps=1, save_steps=10**6,
-                                eval_generate=0, progress=False, learning_rate=5e-4, seed=0, **MODEL, **loss)
+def step_config(out, steps, data=None, max_length=96, **loss):
+    return TrainConfig(output_dir=str(out), data=str(data or suite.SUITE_DIR), max_train_pairs=256, max_eval_pairs=8,
+                       per_device_train_batch_size=8, max_steps=steps, warmup_steps=1, logging_steps=1, save_steps=10**6,
+                       eval_generate=0, progress=False, learning_rate=5e-4, seed=0, max_length=max_length, **MODEL,
+                       **loss)
 
 
-def bench_steps(steps, warmup, tmp, with_trl=True):
-    import pandas as pd
-    rows, lengths = [], None
-    for name, loss in STEP_VARIANTS.items():
-        out = training.train(step_config(Path(tmp) / name.split()[0], steps, **loss))
-        times = pd.read_json(out / "metrics.jsonl", lines=True)["time/step_s"].iloc[warmup:]
-        rows.append({"training": f"kdpo_lab {name}", "step ms": 1e3 * times.median(), "steps timed": len(times)})
-        lengths = lengths or token_lengths(out)
-    base = rows[0]["step ms"]
-    for row in rows:
-        row["x DPO (ours)"] = row["step ms"] / base
-    if not with_trl:
-        return rows, lengths, "not run (--skip-trl-trainer)"
+@contextmanager
+def length_grouped_order():
+    """Train with kdpo_lab.ordering's length-grouped batches: what training.train does once it calls
+    `ordering.batch_indices(n, batch, step, seed, lengths=ordering.pair_lengths(train_feats))`. Until then the
+    bench swaps training's plain order for it (and restores it)."""
+    load_splits, batch_indices, lengths = training.load_splits, training.batch_indices, {}
+
+    def load(cfg):
+        out = load_splits(cfg)
+        lengths["train"] = ordering.pair_lengths(out[3])
+        return out
+
+    training.load_splits = load
+    training.batch_indices = lambda n, batch, step, seed: ordering.batch_indices(n, batch, step, seed, lengths["train"])
     try:
-        trl_ms, n, trl_lengths = trl_step(steps, warmup, tmp)
-        rows.append({"training": "TRL DPOTrainer (sigmoid, precomputed reference)", "step ms": trl_ms,
-                     "steps timed": n, "x DPO (ours)": trl_ms / base})
-    except Exception as error:  # report, do not hide: the table says why the row is missing
-        trl_lengths = f"TRL DPOTrainer failed: {type(error).__name__}: {error}"
-    return rows, lengths, trl_lengths
+        yield
+    finally:
+        training.load_splits, training.batch_indices = load_splits, batch_indices
+
+
+@contextmanager
+def cpu_step_timer():
+    """training.train's own step timer (`time.perf_counter() - t0`, logged as time/step_s) made to read the
+    process's CPU time: on a shared machine, time spent descheduled is not the step's cost."""
+    clock = training.time
+    training.time = SimpleNamespace(perf_counter=time.process_time)
+    try:
+        yield
+    finally:
+        training.time = clock
+
+
+def ours_step(name, loss, out, steps, warmup, data=None, max_length=96):
+    """CPU times (s) of the steps of one training.train run after `warmup` steps."""
+    import pandas as pd
+    grouped = "length-grouped" in name
+    with length_grouped_order() if grouped else _nothing(), cpu_step_timer():
+        run = training.train(step_config(out, steps, data, max_length, **loss))
+    return list(pd.read_json(run / "metrics.jsonl", lines=True)["time/step_s"].iloc[warmup:]), run
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def bench_steps(variants, steps, warmup, rounds, tmp, with_trl=True, data=None, max_length=96):
+    """Median step ms per variant, the variants run round-robin `rounds` times (each run: `steps` steps, the
+    first `warmup` untimed); TRL's DPOTrainer takes its turn in every round."""
+    times, runs, trl_info = defaultdict(list), {}, ""
+    for r in range(rounds):
+        for name, loss in variants.items():
+            t, runs[name] = ours_step(name, loss, Path(tmp) / f"{name.split()[0]}{r}", steps, warmup, data, max_length)
+            times[f"kdpo_lab {name}"] += t
+        if with_trl:
+            try:
+                t, trl_info = trl_step(steps, warmup, runs[next(iter(variants))], max_length)
+                times["TRL DPOTrainer (sigmoid, precomputed reference)"] += t
+            except Exception as error:  # report, do not hide: the table says why the row is missing
+                trl_info = f"TRL DPOTrainer failed: {type(error).__name__}: {error}"
+    med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    base = med[f"kdpo_lab {next(iter(variants))}"]
+    trl_ms = med.get("TRL DPOTrainer (sigmoid, precomputed reference)", float("nan"))
+    rows = [{"training": k, "step CPU ms": v, "x DPO (ours)": v / base, "x TRL": v / trl_ms,
+             "steps timed": len(times[k])} for k, v in med.items()]
+    return rows, runs, trl_info or "not run (--skip-trl-trainer)"
 
 
 def token_lengths(out):
-    """Mean tokens per sequence (prompt + response) and mean padded width of 8-pair batches, our tokenisation."""
+    """Mean tokens per sequence (prompt + response) and mean padded width of 8-pair batches over one epoch, in the
+    plain and the length-grouped order, our tokenisation."""
     cfg = TrainConfig.from_yaml(out / "config.yaml")
     tok = models.load_tokenizer(out / "model")
     pairs, report = loading.read_pairs(cfg, "train", cfg.max_train_pairs)
     feats = loading.encode(cfg, tok, pairs, report, "train")
     seqs = [len(f["prompt_ids"]) + len(f[k]) for f in feats for k in ("chosen_ids", "rejected_ids")]
-    widths = [batching.collate(feats[i:i + 8], tok.pad_token_id)["input_ids"].shape[1] for i in range(0, len(feats), 8)]
-    return f"{sum(seqs) / len(seqs):.1f} tokens per sequence, padded batch width {sum(widths) / len(widths):.1f}", tok, pairs
+    lengths, n, b = ordering.pair_lengths(feats), len(feats), cfg.per_device_train_batch_size
+    width = lambda ls: statistics.mean(max(lengths[i] for i in ordering.batch_indices(n, b, s, cfg.seed, ls))
+                                       for s in range(n // b))
+    return (f"{sum(seqs) / len(seqs):.1f} tokens per sequence, padded batch width {width(None):.1f} "
+            f"(length-grouped: {width(lengths):.1f})")
 
 
-def trl_step(steps, warmup, tmp):
+def trl_step(steps, warmup, out, max_length=96):
     """TRL's DPOTrainer on the same Llama config, tokenizer and pairs (prompt rendered with the same chat
     template), 8 pairs per step, reference log-probs precomputed (as kdpo_lab does). ref_model must be
     given explicitly for a model built from a config (anchor-notes)."""
@@ -219,7 +291,6 @@ def trl_step(steps, warmup, tmp):
     from trl import DPOConfig, DPOTrainer
 
     datasets.disable_progress_bars()
-    out = Path(tmp) / "DPO"
     cfg = TrainConfig.from_yaml(out / "config.yaml")
     tok = models.load_tokenizer(out / "model")
     pairs, _ = loading.read_pairs(cfg, "train", cfg.max_train_pairs)
@@ -232,12 +303,12 @@ def trl_step(steps, warmup, tmp):
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            self.t0 = time.perf_counter()
+            self.t0 = time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter() - self.t0)
+            times.append(time.process_time() - self.t0)
 
-    args = DPOConfig(output_dir=str(Path(tmp) / "trl"), per_device_train_batch_size=8, max_steps=steps,
+    args = DPOConfig(output_dir=str(out.parent / "trl"), per_device_train_batch_size=8, max_steps=steps,
                      learning_rate=5e-4, beta=0.1, logging_steps=10**6, save_strategy="no", report_to="none",
                      use_cpu=True, precompute_ref_log_probs=True, max_length=cfg.max_length, disable_tqdm=True,
                      dataloader_num_workers=0, seed=0, lr_scheduler_type="constant")
@@ -247,16 +318,37 @@ def trl_step(steps, warmup, tmp):
     trainer.train()
     rows = trainer.train_dataset
     seqs = [len(r["prompt_ids"]) + len(r[k]) for r in rows for k in ("chosen_ids", "rejected_ids")]
-    return 1e3 * statistics.median(times[warmup:]), len(times[warmup:]), f"{sum(seqs) / len(seqs):.1f} tokens per sequence"
+    return times[warmup:], f"{sum(seqs) / len(seqs):.1f} tokens per sequence"
 
 
 # ------------------------------------------------------------------------------------------ main
 
+def long_response_data(folder, n=96, chars=760, seed=0):
+    """A suite-like data folder whose responses run to ~256 tokens (`chars` characters, ~3 per token): each
+    chosen / rejected response is its own suite response followed by other suite responses of the same kind
+    (chosen after chosen), cut to `chars` characters."""
+    rows = [json.loads(line) for line in (Path(suite.SUITE_DIR) / "train.jsonl").read_text().splitlines()[:2000]]
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", n), ("validation", 16), ("test", 16)):
+        out = []
+        for row in rng.sample(rows, count):
+            row = dict(row)
+            for key in ("chosen", "rejected"):
+                while len(row[key]) < chars:
+                    row[key] += " " + rng.choice(rows)[key]
+                row[key] = row[key][:chars]
+            out.append(json.dumps(row))
+        (folder / f"{split}.jsonl").write_text("\n".join(out) + "\n")
+    return folder
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer sizes, repeats and steps (1-2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes, repeats, rounds and steps")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--skip-trl-trainer", action="store_true", help="do not time TRL's DPOTrainer step")
+    parser.add_argument("--skip-long", action="store_true", help="skip table 3 (256-token responses)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -269,17 +361,30 @@ def main(argv=None):
 
     repeats = 5 if quick else 15
     print(f"## 1. Loss only: forward + backward, T = 32 tokens, V = 512 (penalty), d = 256 (kernels); "
-          f"median of {repeats} after 2 warm-up runs\n")
+          f"variants interleaved, median of {repeats} rounds after 2 warm-up rounds\n")
     rows = bench_losses([64] if quick else [64, 512], repeats)
-    print(table(rows, ["loss", "B pairs", "kdpo_lab ms", "TRL ms", "kdpo_lab / TRL", "x DPO (ours)", "repeats"]))
+    print(table(rows, ["loss", "B pairs", "kdpo_lab CPU ms", "kdpo_lab wall ms", "TRL CPU ms", "kdpo_lab / TRL",
+                       "x DPO (ours)", "repeats"]))
 
-    steps, warmup = (8, 3) if quick else (20, 5)
+    steps, warmup, rounds = (8, 3, 2) if quick else (12, 3, 3)
     print(f"\n## 2. One training step: tiny Llama (d = 256, 4 layers, 4 heads, BPE vocabulary <= 1024), 8 pairs, "
-          f"AdamW; median of steps {warmup + 1}..{steps}\n")
+          f"AdamW; {rounds} interleaved round(s) of {steps} steps per variant, median of steps {warmup + 1}..{steps} "
+          f"of every round\n")
     with tempfile.TemporaryDirectory(prefix="kdpo_bench_") as tmp:
-        rows, (ours_len, _, _), trl_len = bench_steps(steps, warmup, tmp, with_trl=not args.skip_trl_trainer)
-        print(table(rows, ["training", "step ms", "x DPO (ours)", "steps timed"]))
-        print(f"\nsequence lengths: kdpo_lab {ours_len}; TRL {trl_len}")
+        rows, runs, trl_len = bench_steps(STEP_VARIANTS, steps, warmup, rounds, tmp, with_trl=not args.skip_trl_trainer)
+        print(table(rows, ["training", "step CPU ms", "x DPO (ours)", "x TRL", "steps timed"]))
+        print(f"\nsequence lengths: kdpo_lab {token_lengths(runs['DPO (kl)'])}; TRL {trl_len}")
+        if args.skip_long:
+            return 0
+        long_steps, long_warmup = (5, 2) if quick else (8, 2)
+        print(f"\n## 3. Long responses (~256 tokens): as table 2, max_length 400; {rounds} interleaved round(s) of "
+              f"{long_steps} steps, median of steps {long_warmup + 1}..{long_steps}\n")
+        data = long_response_data(Path(tmp) / "long_data")
+        variants = {k: STEP_VARIANTS[k] for k in ("DPO (kl)", "DPO (kl), length-grouped", "Wasserstein penalty")}
+        rows, runs, _ = bench_steps(variants, long_steps, long_warmup, rounds, Path(tmp) / "long", with_trl=False,
+                                    data=data, max_length=400)
+        print(table(rows, ["training", "step CPU ms", "x DPO (ours)", "steps timed"]))
+        print(f"\nsequence lengths: kdpo_lab {token_lengths(runs['DPO (kl)'])}")
     return 0
 
 

@@ -312,7 +312,7 @@ class ChiSquared(Divergence):
 
 
 # ----------------------------------------------------------------------------------------------
-# Wasserstein-1 between next-token distributions: small support + log-domain Sinkhorn
+# Wasserstein-1 between next-token distributions: small support + entropic OT (Sinkhorn)
 
 def _softmin(C, h, log_w, eps):
     """-eps * log sum_j w_j exp((h_j - C_ij) / eps) over the last dim of C [..., n, m] (log domain)."""
@@ -322,56 +322,119 @@ def _softmin(C, h, log_w, eps):
 
 
 def _softmin_kernel(K, h, log_w, eps):
-    """_softmin with K = exp(-C/eps) precomputed: a batched mat-vec. Safe while C.max()/eps <= 50,
-    because the largest term keeps the sum >= exp(-50) (no underflow in float32)."""
+    """_softmin with K = exp(-C/eps) precomputed: a batched mat-vec (K may have fewer leading dims than
+    h, e.g. one cost shared by several problems). Safe while C.max()/eps <= 50, because the largest
+    term keeps the sum >= exp(-50) (no underflow in float32)."""
     x = log_w + h / eps
     m = x.amax(-1, keepdim=True)
-    return -eps * (torch.log((K @ (x - m).exp().unsqueeze(-1)).squeeze(-1)) + m)
+    return -eps * (torch.log(torch.einsum("...ij,...j->...i", K, (x - m).exp())) + m)
+
+
+def _eps_schedule(diam, epsilon, n_iter):
+    """eps-scaling: eps halves from the cost diameter down to `epsilon`, then stays."""
+    return [max(epsilon, diam * 0.5 ** t) for t in range(n_iter)]
+
+
+def _potentials(la, lb, C, epsilon, n_iter):
+    """Sinkhorn's dual potentials (f, g), no autograd: alternating exact updates of f then g with
+    eps-scaling. C [..., n, m] (broadcast against the leading dims of la [..., n], lb [..., m]):
+    mat-vecs with exp(-C/eps) while C.max()/eps <= 50, log domain otherwise. C None: the 0/1 metric
+    c_ij = [i != j] (n = m), solved exactly by `_potentials_01` instead."""
+    if C is None:
+        return _potentials_01(la, lb, epsilon, n_iter)
+    Ct = C.transpose(-1, -2)
+    g = torch.zeros_like(lb)
+    diam = max(float(C.max()), 1e-12) if C.numel() else 1.0
+    eps_prev = K = Kt = None
+    for eps_t in _eps_schedule(diam, epsilon, n_iter):
+        if diam / eps_t <= 50.0:
+            if eps_t != eps_prev:
+                K = torch.exp(-C / eps_t)
+                Kt = K.transpose(-1, -2)
+            f = _softmin_kernel(K, g, lb, eps_t)
+            g = _softmin_kernel(Kt, f, la, eps_t)
+        else:
+            f = _softmin(C, g, lb, eps_t)
+            g = _softmin(Ct, f, la, eps_t)
+        eps_prev = eps_t
+    return f, g
+
+
+def _positive_root(a_minus_b, b, sigma):
+    """The positive root v of sigma v^2 + (sigma^2 + a - b) v - b sigma = 0, elementwise, and dv/dsigma.
+    With d = sigma^2 + a - b and q = sqrt(d^2 + 4 sigma^2 b) + |d| (no cancellation): v = 2 sigma b / q if
+    d >= 0, else q / (2 sigma); by implicit differentiation dv/dsigma = -(v^2 + 2 sigma v - b) / sqrt(...)."""
+    d = a_minus_b + sigma * sigma
+    disc = torch.sqrt(d * d + (4.0 * sigma * sigma) * b)
+    q = disc + d.abs()
+    v = torch.where(d >= 0, (2.0 * sigma) * b / q, q / (2.0 * sigma))
+    return v, (b - v * (v + 2.0 * sigma)) / disc
+
+
+def _potentials_01(la, lb, epsilon, n_iter):
+    """Exact entropic OT potentials under the 0/1 metric c_ij = [i != j] (n = m), in O(n) per step.
+
+    Its kernel is exp(-C/eps) = (1 - c)(I + r 11^T), c = exp(-1/eps), r = c / (1 - c). In the scalings
+    u = (1 - c) a exp(f/eps), v = b exp(g/eps), Sinkhorn's fixed point reads
+        u_i (v_i + s) = a_i,   v_i (u_i + t) = b_i,   s = r sum v,   t = r sum u.
+    Rescaling (u, v) -> (lam u, v / lam) changes nothing, so take s = t = sigma: then each v_i is the
+    positive root of sigma v^2 + (sigma^2 + a_i - b_i) v - b_i sigma = 0 (u_i the same with a, b swapped),
+    and one scalar equation is left, log(r sum_i v_i(sigma)) = log sigma, solved by Newton in log sigma
+    (1-3 steps to float64 precision from sigma_0 = max(sqrt(r TV), r sum sqrt b); at most n_iter).
+    Plain Sinkhorn needs thousands of iterations here when p and q are close (the mass to move rides
+    on off-diagonal entries exp(-1/eps)). In float64; the caller keeps 1/epsilon <= 200."""
+    a, b = la.double().exp(), lb.double().exp()
+    c = math.exp(-1.0 / epsilon)
+    log_r = -1.0 / epsilon - math.log1p(-c)
+    a_b = a - b
+    tv = 0.5 * a_b.abs().sum(-1, keepdim=True)
+    x = torch.maximum(0.5 * (log_r + tv.clamp_min(1e-300).log()), log_r + b.sqrt().sum(-1, keepdim=True).log())
+    for _ in range(n_iter):
+        sigma = x.exp()
+        v, dv = _positive_root(a_b, b, sigma)
+        S, dS = v.sum(-1, keepdim=True), dv.sum(-1, keepdim=True)
+        h = log_r + S.log() - x
+        x = x - h / (sigma * dS / S - 1.0)
+        if float(h.abs().max()) < 1e-12:
+            break
+    sigma = x.exp()
+    v, _ = _positive_root(a_b, b, sigma)
+    u, _ = _positive_root(-a_b, a, sigma)
+    f = -epsilon * (torch.log(v + sigma) + math.log1p(-c))
+    g = -epsilon * torch.log(u + sigma)
+    return f.to(la.dtype), g.to(lb.dtype)
 
 
 def sinkhorn_ot(log_a, log_b, C, epsilon=0.05, n_iter=50):
     """Entropic OT, OT_eps(a, b) = min_P <P, C> + eps KL(P || a b^T), batched over leading dims.
 
-    log_a [..., n], log_b [..., m] (log-weights summing to 1; -inf allowed), C [..., n, m].
-    Sinkhorn on the dual potentials (f, g), without autograd, with eps-scaling (eps halves from the
-    cost diameter down to `epsilon`, then stays); the updates are mat-vecs with exp(-C/eps) while
-    C.max()/eps <= 50 and log-domain otherwise. Then one differentiable log-domain update from the
-    detached potentials and OT_eps = <a, f> + <b, g>. By the envelope theorem its gradient w.r.t.
-    (a, b) is (f - eps, g - eps): exact at convergence, with memory independent of n_iter.
+    log_a [..., n], log_b [..., m] (log-weights summing to 1; -inf allowed); C [..., n, m], which may
+    have fewer (broadcast) leading dims than log_a, or None for the 0/1 metric c_ij = [i != j] (n = m),
+    solved in O(n) per iteration. The dual potentials (f, g) come from `_potentials` (Sinkhorn with
+    eps-scaling, no autograd, memory independent of n_iter) and OT_eps = <a, f> + <b, g>. The gradient
+    is the envelope theorem's: d OT_eps / d log a = a (f - eps), d / d log b = b (g - eps), exact at
+    convergence (the potentials are constants for autograd).
     Bounds (C a metric, at convergence): W1 <= OT_eps <= W1 + eps * min(H(a), H(b))."""
-    C = C.to(log_a.dtype)
-    Ct = C.transpose(-1, -2)
+    if C is None and epsilon < 1.0 / 200:  # beyond the O(n) solver's range: the log domain, with C explicit
+        n = log_a.shape[-1]
+        C = 1.0 - torch.eye(n, dtype=log_a.dtype, device=log_a.device)
+    if C is not None:
+        C = C.to(log_a.dtype)
     with torch.no_grad():
-        la, lb = log_a.detach(), log_b.detach()
-        g = torch.zeros_like(lb)
-        diam = max(float(C.max()), 1e-12) if C.numel() else 1.0
-        eps_prev, K, Kt = None, None, None
-        for t in range(n_iter):
-            eps_t = max(epsilon, diam * 0.5 ** t)
-            if eps_t != eps_prev and diam / eps_t <= 50.0:
-                K = torch.exp(-C / eps_t)
-                Kt = K.transpose(-1, -2)
-            eps_prev = eps_t
-            if diam / eps_t <= 50.0:
-                f = _softmin_kernel(K, g, lb, eps_t)
-                g = _softmin_kernel(Kt, f, la, eps_t)
-            else:
-                f = _softmin(C, g, lb, eps_t)
-                g = _softmin(Ct, f, la, eps_t)
-    f = _softmin(C, g, log_b, epsilon)
-    g = _softmin(Ct, f.detach(), log_a, epsilon)
-    return (log_a.exp() * f).sum(-1) + (log_b.exp() * g).sum(-1)
+        f, g = _potentials(log_a.detach(), log_b.detach(), C, epsilon, n_iter)
+    a, b = log_a.exp(), log_b.exp()
+    mass = (a.sum(-1) + b.sum(-1)).detach()
+    # value <a, f> + <b, g>; gradient a (f - eps), b (g - eps)
+    return (a * (f - epsilon)).sum(-1) + (b * (g - epsilon)).sum(-1) + epsilon * mass
 
 
 def _union_support(logp, logq, k):
-    """Indices [..., 2k] of the union of the top-k tokens of p and of q, sorted, with a mask of the
-    duplicated slots (each token kept once)."""
+    """Indices [..., 2k] of the union of the top-k tokens of p and of q (p's first, then q's, in no
+    particular order), with a mask of the slots of q's half already in p's half (each token kept once)."""
     k = min(k, logp.shape[-1])
-    idx = torch.cat([logp.topk(k, dim=-1).indices, logq.topk(k, dim=-1).indices], dim=-1)
-    idx = idx.sort(dim=-1).values
-    dup = torch.zeros_like(idx, dtype=torch.bool)
-    dup[..., 1:] = idx[..., 1:] == idx[..., :-1]
-    return idx, dup
+    ip, iq = logp.topk(k, dim=-1, sorted=False).indices, logq.topk(k, dim=-1, sorted=False).indices
+    dup = (iq.unsqueeze(-1) == ip.unsqueeze(-2)).any(-1)
+    return torch.cat([ip, iq], dim=-1), torch.cat([torch.zeros_like(dup), dup], dim=-1)
 
 
 def _restrict(logp, idx, dup):
@@ -401,7 +464,13 @@ class Wasserstein(Divergence):
          S_eps(p, p) = 0 exactly; S_eps >= 0 when exp(-C/eps) is positive definite (true for the
          0/1 metric and the chord distance; an explicit cost must ensure it); and, for a metric
          cost, |S_eps - W1| <= eps * max(H(a), H(b)) <= eps * log|S| (at convergence).
-    Cost: O(rows * n_iter * (2k)^2) after an O(rows * V) top-k; vectorised over leading dims."""
+    Solvers: under the 0/1 metric (the default, as in training) the entropic problem is solved exactly
+    in O(2k) per position by `_potentials_01` (a scalar Newton solve, n_iter caps its steps); with
+    embeddings or an explicit cost, n_iter Sinkhorn iterations with eps-scaling, O((2k)^2) each, sharing
+    one cost matrix between the three problems (not converged after 50 iterations when p and q are
+    close and peaked: measured errors up to ~0.03 against 1000 iterations at eps = 0.05). Gradients come
+    from the potentials (envelope theorem, see `sinkhorn_ot`), with no autograd graph through the
+    iterations. Plus an O(rows * V) top-k (the dominant cost under the 0/1 metric on a CPU)."""
 
     name = "wasserstein"
     has_link = False
@@ -455,6 +524,9 @@ class Wasserstein(Divergence):
             return cost[idx.unsqueeze(-1), idx.unsqueeze(-2)]
         return (idx.unsqueeze(-1) != idx.unsqueeze(-2)).float()
 
+    def _discrete(self):
+        return self._unit is None and self.cost is None
+
     def _vocab(self):
         if self._unit is not None:
             return self._unit.shape[0]
@@ -463,11 +535,12 @@ class Wasserstein(Divergence):
     def penalty(self, logp, logq):
         logp, logq = _floor(logp, logq)
         idx, dup = _union_support(logp.detach(), logq.detach(), self.k)
-        C = self.ground_cost(idx).to(logp.dtype)
+        # the 0/1 metric between distinct tokens is the 0/1 metric between slots (duplicates carry no mass)
+        C = None if self._discrete() else self.ground_cost(idx).to(logp.dtype)
         la, lb = _restrict(logp, idx, dup), _restrict(logq, idx, dup)
-        # one batched Sinkhorn for the three problems (a, b), (a, a), (b, b)
+        # one batched Sinkhorn for the three problems (a, b), (a, a), (b, b), sharing C
         ot = sinkhorn_ot(torch.stack([la, la, lb]), torch.stack([lb, la, lb]),
-                         C.expand(3, *C.shape), self.epsilon, self.n_iter)
+                         None if C is None else C.unsqueeze(0), self.epsilon, self.n_iter)
         return ot[0] - 0.5 * ot[1] - 0.5 * ot[2]
 
 

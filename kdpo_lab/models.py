@@ -15,6 +15,7 @@ adapters switched off (`reference_context`), so a 7B run holds one copy of the b
 Nothing here downloads: tests and notebooks build models from configs or load local folders.
 """
 import copy
+import inspect
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -403,13 +404,17 @@ def sequence_logps(model, input_ids, attention_mask, response_mask, return_hidde
 
     token_logps[:, t-1] = log softmax(logits[:, t-1])[input_ids[:, t]] * response_mask[:, t]
     computed as gather - logsumexp in float32 (even for a bf16 model), never a full log-softmax.
+    The output layer runs only on the positions that predict a response token (the last hidden
+    state gathered there), not on prompt and padding positions; models whose output layer is
+    followed by a logit scaling or soft-capping take the full logits (`_head_on_positions`).
     Returns a dict:
         logps [N] float32: sum of token_logps;  n_tokens [N] float32: response tokens per row;
         token_logps [N, T-1] (zero off the response);  mask [N, T-1]: response_mask[:, 1:];
         hidden [N, T, H] (if return_hidden): the last hidden state (after the final norm), aligned
             with input_ids, with gradient;
         logits [N, T-1, V] (if return_logits): the shifted logits in the model's dtype, row t-1
-            predicting token t; use with `mask` (e.g. divergences.token_penalty).
+            predicting token t, at the response positions (zero elsewhere, where the output layer
+            did not run); use with `mask` (e.g. divergences.token_penalty).
     response_mask[:, 0] must be 0: the first token has no prediction.
     """
     if not (input_ids.shape == attention_mask.shape == response_mask.shape):
@@ -418,13 +423,25 @@ def sequence_logps(model, input_ids, attention_mask, response_mask, return_hidde
                          f"{tuple(response_mask.shape)} must have the same shape [N, T]")
     if response_mask[:, 0].any():
         raise ValueError("response_mask[:, 0] must be 0: the first token has no prediction")
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                output_hidden_states=return_hidden, use_cache=False)
-    logits = out.logits[:, :-1]
     labels = input_ids[:, 1:]
     mask = response_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
-    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1).float()
-    token_logps = torch.where(mask, picked - torch.logsumexp(logits.float(), dim=-1), 0.0)
+    if not _head_on_positions(model):
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    output_hidden_states=return_hidden, use_cache=False)
+        logits = out.logits[:, :-1]
+        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1).float()
+        token_logps = torch.where(mask, picked - torch.logsumexp(logits.float(), dim=-1), 0.0)
+    else:  # logits_to_keep=1: the model's own head runs on one position only
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                    use_cache=False, logits_to_keep=1)
+        h = out.hidden_states[-1][:, :-1][mask]                     # [M, H], M response tokens
+        head = model.get_output_embeddings()(h)                       # [M, V]
+        picked = head.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1).float()
+        token_logps = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(
+            mask, picked - torch.logsumexp(head.float(), dim=-1))
+        if return_logits:
+            logits = head.new_zeros((*mask.shape, head.shape[-1]))
+            logits[mask] = head
     result = {"logps": token_logps.sum(-1), "n_tokens": mask.sum(-1).float(),
               "token_logps": token_logps, "mask": mask.float()}
     if return_hidden:
@@ -432,6 +449,18 @@ def sequence_logps(model, input_ids, attention_mask, response_mask, return_hidde
     if return_logits:
         result["logits"] = logits
     return result
+
+
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _head_on_positions(model):
+    """Whether sequence_logps may apply the output layer itself to gathered hidden states: the model's
+    forward takes logits_to_keep and its config names no transform after the output layer."""
+    base = model.get_base_model() if is_peft(model) else model
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return False
+    return not any(getattr(base.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
 
 
 def reference_forward(model, input_ids, attention_mask, response_mask, ref_model=None, **kwargs):

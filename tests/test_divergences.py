@@ -540,3 +540,84 @@ def test_wasserstein_cost_smaller_than_vocabulary_raises():
     div = D.get("wasserstein", cost=torch.ones(5, 5) - torch.eye(5))
     with pytest.raises(ValueError, match="covers 5 tokens"):
         div.penalty(torch.zeros(2, 8).log_softmax(-1), torch.zeros(2, 8).log_softmax(-1))
+
+
+# ---------------------------------------------------------------- Wasserstein: the O(n) 0/1-metric solver
+
+def near(V, seed, scale=3.0, noise=0.5, shape=(6,)):
+    """Peaked next-token-like distributions p, q with p close to q (the hard case for plain Sinkhorn)."""
+    g = torch.Generator().manual_seed(seed)
+    ref = scale * torch.randn(*shape, V, generator=g, dtype=torch.float64)
+    pol = ref + noise * torch.randn(*shape, V, generator=g, dtype=torch.float64)
+    return pol.log_softmax(-1), ref.log_softmax(-1)
+
+
+def plan(la, lb, f, g, C, eps):
+    """P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps): the entropic plan of the potentials."""
+    return (la.unsqueeze(-1) + lb.unsqueeze(-2) + (f.unsqueeze(-1) + g.unsqueeze(-2) - C) / eps).exp()
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.05, 0.3])
+def test_01_metric_potentials_give_a_plan_with_both_marginals_exact_when_p_is_close_to_q(eps):
+    logp, logq = near(12, seed=80)
+    f, g = D._potentials_01(logp, logq, eps, 50)
+    P = plan(logp, logq, f, g, 1.0 - torch.eye(12, dtype=torch.float64), eps)
+    torch.testing.assert_close(P.sum(-1), logp.exp(), atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(P.sum(-2), logq.exp(), atol=1e-12, rtol=1e-9)
+
+
+def test_01_metric_solver_matches_pot_sinkhorn_with_the_explicit_cost():
+    """Same OT_eps as POT's log-domain Sinkhorn on C = 1 - I (eps = 0.1, where plain Sinkhorn converges)."""
+    V, eps = 10, 0.1
+    C = 1.0 - np.eye(V)
+    logp, p = dirichlet((), V, seed=81)
+    logq, q = dirichlet((), V, seed=82)
+    P = ot.sinkhorn(p, q, C, reg=eps, method="sinkhorn_log", numItermax=100000, stopThr=1e-13)
+    expected = (P * C).sum() + eps * rel_entr(P, np.outer(p, q)).sum()
+    got = D.sinkhorn_ot(logp, logq, None, epsilon=eps)
+    assert abs(float(got) - expected) < 1e-9
+
+
+def test_01_metric_solver_matches_generic_sinkhorn_run_to_convergence():
+    logp, logq = near(16, seed=83, noise=1.0)
+    C = 1.0 - torch.eye(16, dtype=torch.float64)
+    fast = D.sinkhorn_ot(logp, logq, None, epsilon=0.1)
+    slow = D.sinkhorn_ot(logp, logq, C, epsilon=0.1, n_iter=5000)
+    torch.testing.assert_close(fast, slow, atol=1e-10, rtol=0)
+
+
+def test_01_metric_penalty_gradient_matches_finite_differences_at_default_epsilon():
+    """The potentials are exact, so the envelope gradient is exact at eps = 0.05 (where 50 plain
+    Sinkhorn iterations were not converged)."""
+    div = D.get("wasserstein", k=12)
+    logits = (3 * torch.randn(12, generator=torch.Generator().manual_seed(84), dtype=torch.float64)).requires_grad_(True)
+    logq = (logits.detach() + 0.5 * torch.randn(12, generator=torch.Generator().manual_seed(85),
+                                                dtype=torch.float64)).log_softmax(-1)
+    value = lambda z: div.penalty(z.log_softmax(-1), logq)
+    (grad,) = torch.autograd.grad(value(logits), logits)
+    direction = torch.randn(12, generator=torch.Generator().manual_seed(86), dtype=torch.float64)
+    h = 1e-5
+    numeric = (value(logits.detach() + h * direction) - value(logits.detach() - h * direction)) / (2 * h)
+    assert abs(float(numeric) - float(grad @ direction)) < 1e-8
+
+
+def test_default_01_penalty_is_within_its_epsilon_bound_of_total_variation_on_the_support():
+    """Default settings (k = 16, eps = 0.05), float32, peaked and close p, q: |S_eps - W1| <= eps max H,
+    W1 = TV of the renormalised distributions on the union of the top-16 supports."""
+    logp, logq = near(512, seed=87, shape=(64,))
+    got = D.get("wasserstein").penalty(logp.float(), logq.float()).double()
+    idx, dup = D._union_support(logp, logq, 16)
+    la, lb = D._restrict(logp, idx, dup), D._restrict(logq, idx, dup)
+    tv = 0.5 * (la.exp() - lb.exp()).abs().sum(-1)
+    H = torch.maximum(-(la.exp() * la.nan_to_num(neginf=0.0)).sum(-1), -(lb.exp() * lb.nan_to_num(neginf=0.0)).sum(-1))
+    assert ((got - tv).abs() <= 0.05 * H).all()
+    assert (tv > 0.02).all() and (0.05 * H < 0.2).all()  # the bound says something
+
+
+def test_union_support_holds_each_top_k_token_once():
+    logp, logq = near(40, seed=88, noise=2.0)
+    idx, dup = D._union_support(logp, logq, 5)
+    for i in range(logp.shape[0]):
+        kept = set(idx[i][~dup[i]].tolist())
+        expected = set(logp[i].topk(5).indices.tolist()) | set(logq[i].topk(5).indices.tolist())
+        assert kept == expected and len(kept) == int((~dup[i]).sum())
