@@ -30,7 +30,6 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -199,50 +198,13 @@ def step_config(out, steps, data=None, max_length=96, **loss):
                        **loss)
 
 
-@contextmanager
-def length_grouped_order():
-    """Train with kdpo_lab.ordering's length-grouped batches: what training.train does once it calls
-    `ordering.batch_indices(n, batch, step, seed, lengths=ordering.pair_lengths(train_feats))`. Until then the
-    bench swaps training's plain order for it (and restores it)."""
-    load_splits, batch_indices, lengths = training.load_splits, training.batch_indices, {}
-
-    def load(cfg):
-        out = load_splits(cfg)
-        lengths["train"] = ordering.pair_lengths(out[3])
-        return out
-
-    training.load_splits = load
-    training.batch_indices = lambda n, batch, step, seed: ordering.batch_indices(n, batch, step, seed, lengths["train"])
-    try:
-        yield
-    finally:
-        training.load_splits, training.batch_indices = load_splits, batch_indices
-
-
-@contextmanager
-def cpu_step_timer():
-    """training.train's own step timer (`time.perf_counter() - t0`, logged as time/step_s) made to read the
-    process's CPU time: on a shared machine, time spent descheduled is not the step's cost."""
-    clock = training.time
-    training.time = SimpleNamespace(perf_counter=time.process_time)
-    try:
-        yield
-    finally:
-        training.time = clock
-
-
 def ours_step(name, loss, out, steps, warmup, data=None, max_length=96):
     """CPU times (s) of the steps of one training.train run after `warmup` steps."""
     import pandas as pd
     grouped = "length-grouped" in name
-    with length_grouped_order() if grouped else _nothing(), cpu_step_timer():
-        run = training.train(step_config(out, steps, data, max_length, **loss))
-    return list(pd.read_json(run / "metrics.jsonl", lines=True)["time/step_s"].iloc[warmup:]), run
-
-
-@contextmanager
-def _nothing():
-    yield
+    run = training.train(step_config(out, steps, data, max_length, group_by_length=grouped, **loss))
+    # time/step_cpu_s: the process's CPU time per step; on a shared machine descheduled time is no step's cost
+    return list(pd.read_json(run / "metrics.jsonl", lines=True)["time/step_cpu_s"].iloc[warmup:]), run
 
 
 def bench_steps(variants, steps, warmup, rounds, tmp, with_trl=True, data=None, max_length=96):

@@ -136,6 +136,7 @@ class SFTConfig:
     learning_rate: float = _f(5e-5, "peak learning rate of the policy (tiny full fine-tuning: 5e-4 over-optimises, see README)")
     per_device_train_batch_size: int = _f(16, "pairs per micro-batch per process")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimisation step")
+    group_by_length: bool = _f(False, "batch pairs of similar length together (HF's name; kdpo_lab.ordering): about 30% faster steps on the suite, less random batches")
     max_steps: int = _f(200, "optimisation steps")
     warmup_steps: int = _f(10, "linear warm-up steps, then cosine decay to 10% of lr")
     weight_decay: float = _f(0.0, "AdamW weight decay")

@@ -38,7 +38,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from kdpo_lab import batching, checkpoint, divergences, kernels, loading, models
+from kdpo_lab import batching, checkpoint, divergences, kernels, loading, models, ordering
 from kdpo_lab.held_out import DPOEvaluation, held_out_sft_loss
 from kdpo_lab.config import SFTConfig, TrainConfig  # noqa: F401  (notebooks import TrainConfig from here)
 from kdpo_lab.loading import load_splits
@@ -65,14 +65,6 @@ def lr_lambda(cfg):
         progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return f
-
-
-def batch_indices(n, batch, step, seed):
-    """Indices of global batch `step`: a fresh seeded permutation each epoch, so a step fixes the position."""
-    per_epoch = max(1, n // batch)
-    epoch, k = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return order[k * batch:(k + 1) * batch].tolist()
 
 
 # ----------------------------------------------------------------------------- the run and its loop
@@ -102,11 +94,17 @@ class Run:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
-    def my_indices(self):
-        """This process's share of global batch `step`: every world-th pair (same pairs as one process)."""
+    def global_batch(self):
+        """The pairs of global batch `step` (kdpo_lab.ordering: a pure function of the step, so resume is exact)."""
         acc, cfg = self.accelerator, self.cfg
         size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
-        return batch_indices(len(self.feats), size, self.step, cfg.seed)[acc.process_index::acc.num_processes]
+        lengths = ordering.pair_lengths(self.feats) if cfg.group_by_length else None
+        return ordering.batch_indices(len(self.feats), size, self.step, cfg.seed, lengths=lengths)
+
+    def my_indices(self):
+        """This process's share of global batch `step`: every world-th pair (same pairs as one process)."""
+        acc = self.accelerator
+        return self.global_batch()[acc.process_index::acc.num_processes]
 
 
 def _start(cfg):
@@ -156,13 +154,13 @@ def _fit(run, task):
                disable=not (cfg.progress and acc.is_main_process))
     try:
         while run.step < cfg.max_steps:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             logs = _accumulate(run, task)
             _optimizer_step(run)
             run.step += 1
             bar.update(1)
             if run.step % cfg.logging_steps == 0 or run.step == cfg.max_steps:
-                row = summarise(run, logs, time.perf_counter() - t0)
+                row = summarise(run, logs, time.perf_counter() - t0, time.process_time() - c0)
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
                 write_row(run, "metrics.jsonl", row)
             task.after_step(run)
@@ -407,8 +405,7 @@ class SFTTask:
 
     def loss(self, run, mb):
         cfg, acc = run.cfg, run.accelerator
-        size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
-        everyone = batch_indices(len(run.feats), size, run.step, cfg.seed)
+        everyone = run.global_batch()
         tokens = sum(len(run.feats[i]["chosen_ids"]) + len(run.feats[i]["rejected_ids"]) for i in everyone)
         batch = batching.device_batch(run.feats, mb, run.pad_id, acc.device)
         out = models.sequence_logps(run.model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
@@ -461,10 +458,11 @@ def _finish_trackers(accelerator):
         tracker.finish()
 
 
-def summarise(run, logs, seconds):
-    """One metrics row: each per-example metric averaged over the global batch (all processes)."""
+def summarise(run, logs, seconds, cpu_seconds):
+    """One metrics row: each per-example metric averaged over the global batch (all processes); the
+    step's wall time and this process's CPU time (the fair clock on a shared machine)."""
     row = {"step": run.step, "lr": run.scheduler.get_last_lr()[0], "time/step_s": seconds,
-           "memory/peak_mb": peak_memory_mb()}
+           "time/step_cpu_s": cpu_seconds, "memory/peak_mb": peak_memory_mb()}
     for key in logs[0]:
         values = run.accelerator.gather(torch.cat([m[key].float().reshape(-1) for m in logs]))
         row[key] = float(values.mean())
