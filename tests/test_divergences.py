@@ -11,13 +11,7 @@ from scipy.special import rel_entr
 from kdpo_lab import divergences as D
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread avoids OpenMP contention (10-100x slow-downs on busy CPUs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LINKED = [n for n in D.NAMES if n != "wasserstein"]

@@ -6,12 +6,7 @@ import torch
 from kdpo_lab import models as M
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def padded_batch(n=6, T=14, vocab=200, seed=0):

@@ -10,12 +10,7 @@ import torch
 from kdpo_lab import data, kernels, models, selection as S
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def closer_chosen(n=200, d=16, seed=0, gap=1.0):
