@@ -82,9 +82,7 @@ def marks(sel, rules, group):
 
 
 def _heatmaps(sel, rules, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # headless: matplotlib falls back to Agg; in a notebook, figures are closed
 
     from kdpo_lab import plots
 
