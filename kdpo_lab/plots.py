@@ -500,3 +500,57 @@ def plot_delta_alpha(delta, ax=None, title=r"change of $\alpha_{\mathrm{PL}}$ ag
     ax.set(ylabel=r"$\Delta\alpha_{\mathrm{PL}}$ against the baseline", title=title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside the data
     return ax
+
+
+# ---- choosing the pair and HMK in training (notebooks 06 and 07, `kdpo select`) --------------------
+
+def plot_selection_heatmap(grid, ax=None, title="selection score", marks=None, fmt=".2f"):
+    """Heatmap of a 4 x 7 score grid (rows kernels, columns divergences, in the grid's order), every
+    cell annotated. marks: {label: (kernel, divergence)}, each outlined in its own colour and named
+    in a legend to the right of the axes (never over the cells)."""
+    import numpy as np
+    ax = _ax(ax, (8, 3.2))
+    values = grid.to_numpy(dtype=float)
+    image = ax.imshow(values, cmap="viridis", aspect="auto", vmin=np.nanmin(values), vmax=np.nanmax(values))
+    middle = (np.nanmin(values) + np.nanmax(values)) / 2
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8, color="k" if v > middle else "w")
+    for n, (label, (kernel, divergence)) in enumerate((marks or {}).items()):
+        i, j = list(grid.index).index(kernel), list(grid.columns).index(divergence)
+        inset = 0.06 * n
+        ax.add_patch(plt.Rectangle((j - 0.5 + inset, i - 0.5 + inset), 1 - 2 * inset, 1 - 2 * inset, fill=False,
+                                   lw=2.5, ls="-" if n == 0 else "--", edgecolor=f"C{3 + n}", label=label))
+    ax.set_xticks(range(len(grid.columns)), grid.columns, rotation=30, ha="right")
+    ax.set_yticks(range(len(grid.index)), grid.index)
+    ax.set(xlabel="divergence", ylabel="kernel", title=title)
+    plt.colorbar(image, ax=ax, label="score", pad=0.02)
+    if marks:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.25, 1))
+    return ax
+
+
+def plot_intervals(table, ax=None, title=None, xlabel=None, zero=0.0):
+    """Horizontal points with interval bars: table indexed by label with columns mean, low, high; a
+    vertical line at `zero` (e.g. no difference to plain DPO)."""
+    import numpy as np
+    ax = _ax(ax, (6.5, 0.55 * len(table) + 1.2))
+    y = np.arange(len(table))[::-1]
+    mean = table["mean"].to_numpy(dtype=float)
+    err = np.vstack([mean - table["low"].to_numpy(dtype=float), table["high"].to_numpy(dtype=float) - mean])
+    ax.errorbar(mean, y, xerr=err, fmt="o", color="C0", capsize=4)
+    ax.axvline(zero, color="grey", ls="--", lw=1)
+    ax.set_yticks(y, table.index)
+    ax.set(xlabel=xlabel, title=title)
+    return ax
+
+
+def plot_run_metric(metrics, key, ax=None, ylabel=None, title=None):
+    """One line per run of a metrics.jsonl column over steps; metrics {run name: DataFrame}. The legend
+    sits to the right of the axes."""
+    ax = _ax(ax)
+    for name, df in metrics.items():
+        rows = df.dropna(subset=[key])
+        ax.plot(rows["step"], rows[key], label=name)
+    ax.set(xlabel="step", ylabel=ylabel or key, title=title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return ax
