@@ -125,6 +125,8 @@ def _main_parser():
     p.add_argument("--fast", action="store_true", help="tiny sizes (also set by KDPO_FAST=1); a smoke test")
 
     sub.add_parser("sweep", help="the multi-seed 28-pair study: resumable, parallel, --list for a cluster (kdpo sweep --help)")
+    sub.add_parser("select", help="rank the 28 kernel-divergence pairs for a reference before training: "
+                                  "kdpo select CONFIG [--out DIR] [--field value ...] (fields of kdpo train; model = the reference)")
 
     p = sub.add_parser("generate-data", help="write the synthetic preference suite (seeded, deterministic)")
     p.add_argument("--out", default="data/suite", help="output folder [%(default)s]")
@@ -176,6 +178,18 @@ def run(argv):
         out = (training.sft if command == "sft" else training.train)(cfg)
         if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
             print(f"done: {out}")
+        return 0
+    if argv[:1] == ["select"]:  # kdpo train's config (its model is the reference), plus --out
+        from kdpo_lab import selection_report
+        rest, out = list(argv[1:]), "outputs/select"
+        if "--out" in rest:
+            i = rest.index("--out")
+            if i + 1 >= len(rest):
+                raise ValueError("--out needs a folder")
+            out = rest.pop(i + 1)
+            rest.pop(i)
+        selection_report.select(parse_config("train", rest), out)
+        print(f"wrote the ranked tables and heatmaps to {out}")
         return 0
     if argv[:1] == ["sweep"]:  # its own parser (kdpo sweep --help)
         from kdpo_lab import sweep

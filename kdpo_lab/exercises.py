@@ -313,3 +313,70 @@ def check_mp_edges(fn):
     return _check("the Marchenko-Pastur edges", fn, cases,
                   lambda s2, Q: torch.tensor([s2 * (1 - 1 / math.sqrt(Q)) ** 2, s2 * (1 + 1 / math.sqrt(Q)) ** 2]),
                   "sigma^2 (1 -/+ 1 / sqrt(Q))^2, returned as a pair (lower, upper)")
+
+
+# ---- 06: choosing a kernel and a divergence -------------------------------------------------------------
+
+def check_auc(fn):
+    """fn(positive, negative) -> P(positive > negative) + P(tie) / 2 over all pairs (selection.auc)."""
+    from kdpo_lab import selection
+    g = _gen(11)
+    cases = [(torch.tensor([0.1, 0.4, 0.4, 0.9], dtype=D), torch.tensor([0.0, 0.4, 0.5], dtype=D)),
+             (torch.randn(30, generator=g, dtype=D) + 1, torch.randn(40, generator=g, dtype=D)),
+             (torch.tensor([1.0, 2.0], dtype=D), torch.tensor([3.0], dtype=D))]
+    return _check("the AUC of a margin", fn, cases, lambda p, n: selection.auc(p.numpy(), n.numpy()),
+                  "count the pairs (p, n) with p > n, add half the ties, divide by the number of pairs")
+
+
+def check_link_score(fn):
+    """fn(overlap, kurtosis, drift, damping) -> selection's score of a link-form divergence."""
+    from kdpo_lab import selection
+
+    def reference(overlap, kurtosis, drift, damping):
+        table = selection.divergence_table({"overlap": overlap, "kurtosis": kurtosis, "drift": drift})
+        name = next(n for n, c in selection.DAMPING.items() if c == damping)
+        return table.set_index("divergence").loc[name, "divergence_score"]
+    cases = [(o, k, d, c) for o, k, d in ((0.6, 5.0, 0.2), (0.3, -1.0, 0.0), (0.9, 0.5, 2.0))
+             for c in selection.DAMPING.values()]
+    return _check("a link-form divergence's score", fn, cases, reference,
+                  "c* = k+ / (k+ + 3) * (1 - d / (d + 1)) with k+ = max(kurtosis, 0); score = overlap * (1 - |c - c*|)")
+
+
+def check_regret(fn):
+    """fn(table, results) -> the best achieved result minus the result of the top-scored pair."""
+    import pandas as pd
+
+    from kdpo_lab import selection
+    g = _gen(12)
+    cases = []
+    for _ in range(5):
+        table = pd.DataFrame({"kernel": ["rbf", "rbf", "spectral", "spectral"], "divergence": ["kl", "js"] * 2,
+                              "score": torch.rand(4, generator=g, dtype=D).numpy()})
+        cases.append((table, table[["kernel", "divergence"]].assign(result=torch.rand(4, generator=g, dtype=D).numpy())))
+    return _check("the regret of the recommended pair", fn, cases,
+                  lambda table, results: selection.validate(table, results)["regret"],
+                  "merge on (kernel, divergence); regret = max(result) - the result of the pair with the top score")
+
+
+# ---- 07: the hierarchical mixture in training ------------------------------------------------------------
+
+def check_mixture_margin(fn):
+    """fn(log_w [4], logk_w [B, 4], logk_l [B, 4]) -> [B] HMK margin log(sum_c w_c K_c(x, w) / sum_c w_c K_c(x, l))."""
+    g = _gen(13)
+    cases = []
+    for _ in range(3):
+        log_w = torch.log_softmax(torch.randn(4, generator=g, dtype=D), -1)
+        cases.append((log_w, -torch.rand(8, 4, generator=g, dtype=D) * 3, -torch.rand(8, 4, generator=g, dtype=D) * 3))
+    return _check("the mixture's margin", fn, cases,
+                  lambda log_w, kw, kl: torch.logsumexp(log_w + kw, -1) - torch.logsumexp(log_w + kl, -1),
+                  "log sum_c w_c K_c = logsumexp(log_w + log K_c) over the components; chosen minus rejected")
+
+
+def check_kernel_share(fn):
+    """fn(prob_term [B], margin [B], gamma) -> the kernel term's share of |z| (losses.kernel_metrics)."""
+    from kdpo_lab import losses
+    g = _gen(14)
+    cases = [(torch.randn(16, generator=g, dtype=D), torch.randn(16, generator=g, dtype=D), gamma) for gamma in (0.5, 2.0)]
+    return _check("the kernel term's share", fn, cases,
+                  lambda p, m, gamma: losses.kernel_metrics(p, m, gamma)["kernel/share"][0],
+                  "a ratio of batch means of absolute values: mean|gamma m| / (mean|prob term| + mean|gamma m|)")

@@ -388,7 +388,8 @@ def validate(table, results, value="result", n_boot=1000, seed=0):
     """Compare a ranked table (kernel, divergence, score) with achieved results (kernel, divergence,
     `value`, higher is better, e.g. held-out exact reward): Spearman correlation with a percentile
     bootstrap 95% interval over pairs, and the regret of the top-ranked pair (best achieved - its result).
-    Returns {"spearman", "low", "high", "regret", "recommended", "best", "n"}."""
+    Returns {"spearman", "low", "high", "regret", "recommended", "best", "n"}; spearman is NaN when the
+    scores or the results are all equal, and the interval NaN when no resample varies in both."""
     merged = table.merge(results[["kernel", "divergence", value]], on=["kernel", "divergence"])
     if len(merged) < 3:
         raise ValueError(f"validate needs results for at least 3 pairs of the table; got {len(merged)}")
@@ -402,6 +403,7 @@ def validate(table, results, value="result", n_boot=1000, seed=0):
             boot.append(stats.spearmanr(score[i], achieved[i]).statistic)
     top = merged.sort_values("score", ascending=False, kind="stable").iloc[0]
     best = merged.loc[merged[value].idxmax()]
-    return {"spearman": float(rho), "low": float(np.percentile(boot, 2.5)), "high": float(np.percentile(boot, 97.5)),
+    low, high = (np.percentile(boot, 2.5), np.percentile(boot, 97.5)) if boot else (np.nan, np.nan)
+    return {"spearman": float(rho), "low": float(low), "high": float(high),
             "regret": float(best[value] - top[value]), "recommended": (top.kernel, top.divergence),
             "best": (best.kernel, best.divergence), "n": len(merged)}

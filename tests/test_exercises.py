@@ -83,6 +83,21 @@ CASES = {
     "mp_edges": (ex.check_mp_edges,
                  lambda s2, Q: (s2 * (1 - Q**-0.5) ** 2, s2 * (1 + Q**-0.5) ** 2),
                  lambda s2, Q: (s2 * (1 - Q**0.5) ** 2, s2 * (1 + Q**0.5) ** 2)),                 # Q upside down
+    "auc": (ex.check_auc,
+            lambda p, n: ((p[:, None] > n[None, :]).double() + 0.5 * (p[:, None] == n[None, :]).double()).mean(),
+            lambda p, n: (p[:, None] > n[None, :]).double().mean()),                             # ties dropped
+    "link_score": (ex.check_link_score,
+                   lambda o, k, d, c: o * (1 - abs(c - max(k, 0) / (max(k, 0) + 3) * (1 - d / (d + 1)))),
+                   lambda o, k, d, c: o * (1 - abs(c - k / (k + 3)))),                          # no drift term
+    "regret": (ex.check_regret,
+               lambda t, r: (lambda m: m.result.max() - m.loc[m.score.idxmax(), "result"])(t.merge(r)),
+               lambda t, r: (lambda m: m.result.max() - m.loc[m.score.idxmin(), "result"])(t.merge(r))),
+    "mixture_margin": (ex.check_mixture_margin,
+                       lambda lw, kw, kl: torch.logsumexp(lw + kw, -1) - torch.logsumexp(lw + kl, -1),
+                       lambda lw, kw, kl: ((lw.exp() * (kw - kl)).sum(-1))),                    # mixes log-kernels
+    "kernel_share": (ex.check_kernel_share,
+                     lambda p, m, g: (g * m).abs().mean() / (p.abs().mean() + (g * m).abs().mean()),
+                     lambda p, m, g: ((g * m).abs() / (p.abs() + (g * m).abs())).mean()),       # mean of ratios
 }
 
 

@@ -213,3 +213,12 @@ def test_validation_of_a_reversed_score_has_spearman_minus_one_and_the_full_regr
 def test_pair_grid_has_a_row_per_pair():
     grid = S.pair_grid(S.toy_batch(b=16))
     assert len(grid) == 28 and grid.loss.notna().all()
+
+
+def test_validation_of_equal_results_has_no_correlation_and_no_interval_but_a_regret_of_zero():
+    import math
+    import pandas as pd
+    table = pd.DataFrame({"kernel": ["rbf", "rbf", "spectral", "spectral"], "divergence": ["kl", "js"] * 2,
+                          "score": [0.4, 0.3, 0.2, 0.1]})
+    out = S.validate(table, table[["kernel", "divergence"]].assign(result=0.5))
+    assert math.isnan(out["spearman"]) and math.isnan(out["low"]) and math.isnan(out["high"]) and out["regret"] == 0

@@ -76,3 +76,14 @@ def test_the_heatmap_outlines_the_recommended_pair_and_the_recalled_pick(report)
 def test_select_refuses_a_top_count_below_one(tmp_path):
     with pytest.raises(ValueError, match="top must be"):
         R.select(TrainConfig(), tmp_path, top=0)
+
+
+def test_kdpo_select_ranks_the_pairs_from_the_command_line(tmp_path, capsys):
+    from kdpo_lab import cli
+    from kdpo_lab.suite import SUITE_DIR
+    code = cli.main(["select", "--out", str(tmp_path / "sel"), "--model", "tiny-llama", "--d-model", "32",
+                     "--n-layers", "1", "--n-heads", "2", "--vocab-size", "300", "--data", str(SUITE_DIR),
+                     "--max-train-pairs", "64", "--max-eval-pairs", "24", "--max-length", "64",
+                     "--max-prompt-length", "40"])
+    assert code == 0 and (tmp_path / "sel" / "selection.csv").exists() and (tmp_path / "sel" / "heatmap.png").exists()
+    assert "wrote the ranked tables" in capsys.readouterr().out
