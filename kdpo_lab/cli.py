@@ -193,7 +193,7 @@ def run(argv):
         return 0
     if argv[:1] == ["sweep"]:  # its own parser (kdpo sweep --help)
         from kdpo_lab import sweep
-        return sweep.main(argv[1:])
+        return sweep.main(argv[1:], in_process=main)
     args = _main_parser().parse_args(argv)
     if args.command == "quickstart":
         from kdpo_lab import quickstart

@@ -212,11 +212,14 @@ def plan(cfg, table=None):
     return ready, waiting, chosen
 
 
-def run_job(job, processes):
+def run_job(job, processes, in_process=None):
     """Run a job's commands in order, output appended to FOLDER.log: as subprocesses with one thread each
-    (processes > 0) or in this process. Returns (job, wall seconds, CPU seconds of its subprocesses,
-    error or None); a failed command is reported, never raised, so the other jobs go on."""
-    from kdpo_lab import cli
+    (processes > 0) or in this process through `in_process(argv)` (the `kdpo` entry point, cli.main, which
+    the caller passes: the sweep sits below the command line and does not import it). Returns (job, wall
+    seconds, CPU seconds of its subprocesses, error or None); a failed command is reported, never raised,
+    so the other jobs go on."""
+    if processes == 0 and in_process is None:
+        raise ValueError("processes=0 runs the commands in this process: pass in_process=kdpo_lab.cli.main")
     t0, cpu = time.perf_counter(), 0.0
     log = job.folder.parent / f"{job.folder.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +231,7 @@ def run_job(job, processes):
             if processes == 0:
                 with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
                     try:
-                        cli.main(argv)
+                        in_process(argv)
                     except Exception as e:  # noqa: BLE001
                         return job, time.perf_counter() - t0, cpu, f"{type(e).__name__}: {e}; see {log}"
                 continue
@@ -241,9 +244,10 @@ def run_job(job, processes):
     return job, time.perf_counter() - t0, cpu, None
 
 
-def execute(cfg):
+def execute(cfg, in_process=None):
     """Run the sweep to its end: jobs as they become runnable, `processes` at a time, the table rewritten
-    after each; a progress bar with an ETA over jobs. Returns the names of failed jobs."""
+    after each; a progress bar with an ETA over jobs. Returns the names of failed jobs. in_process: the
+    `kdpo` entry point for processes=0 (see run_job)."""
     started, failed = set(), []
     total, done = count_jobs(cfg)
     bar = tqdm(total=total, initial=done, desc="sweep jobs", unit="job", dynamic_ncols=True)
@@ -254,7 +258,7 @@ def execute(cfg):
             for job in jobs:
                 if job.name not in started and (cfg.processes or not running):
                     started.add(job.name)
-                    running.add(pool.submit(run_job, job, cfg.processes))
+                    running.add(pool.submit(run_job, job, cfg.processes, in_process))
             if not running:
                 break
             done, running = wait(running, return_when=FIRST_COMPLETED)
@@ -334,7 +338,7 @@ def add_arguments(parser):
     return parser
 
 
-def run(args):
+def run(args, in_process=None):
     """`kdpo sweep` on parsed arguments; returns the exit status (1 if a job failed)."""
     cfg = SweepConfig.from_yaml(args.config, processes=args.processes, out=args.out, table=args.table)
     if args.list:
@@ -344,7 +348,7 @@ def run(args):
         print(f"{len(jobs)} commands runnable now; {waiting} more wait for their reference or learning-rate choice: "
               f"run these, then list again", file=sys.stderr)
         return 0
-    failed = [] if args.collect else execute(cfg)
+    failed = [] if args.collect else execute(cfg, in_process)
     table = write_table(cfg.out, cfg.table)
     result = summarise(cfg, table)
     for name in ("learning_rates", "gains"):
@@ -356,10 +360,11 @@ def run(args):
     return 1 if failed else 0
 
 
-def main(argv=None):
-    """`kdpo sweep CONFIG [--list | --collect] [--processes N] [--out DIR] [--table CSV]`."""
+def main(argv=None, in_process=None):
+    """`kdpo sweep CONFIG [--list | --collect] [--processes N] [--out DIR] [--table CSV]`; in_process: the
+    `kdpo` entry point for --processes 0 (cli passes its own main)."""
     parser = add_arguments(argparse.ArgumentParser(prog="kdpo sweep", description=__doc__.split("\n\n")[0]))
-    return run(parser.parse_args(argv))
+    return run(parser.parse_args(argv), in_process)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from kdpo_lab import sweep, sweep_stats
+from kdpo_lab import cli, sweep, sweep_stats
 from kdpo_lab.sweep import SweepConfig
 
 FAMILIES = ("safety", "reasoning")
@@ -178,7 +178,7 @@ def test_with_a_shared_reference_every_seed_starts_from_the_lr_seeds_reference(t
 def fast_sweep(tmp_path_factory):
     """The fast sweep, run once, in this process (processes: 0) through the same commands."""
     cfg = fast_config(tmp_path_factory.mktemp("fast"))
-    assert sweep.execute(cfg) == []
+    assert sweep.execute(cfg, in_process=cli.main) == []
     return cfg
 
 
