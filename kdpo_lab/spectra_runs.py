@@ -3,14 +3,20 @@
 `analyse_runs` tables every run (spectra.layer_table), compares it with a baseline run, relates mean
 alpha to the generalisation gap and to the learning rate and passes over the data (the two settings
 HT-SR comparisons get confounded by), and writes CSVs and figures; `findings` answers notebook 09's
-two questions in words, with their caveats, from its summary.
+two questions in words, with their caveats, from its summary. `htsr_jobs` and `train_htsr_runs` make
+the runs notebook 09 compares: `kdpo sft` and `kdpo train` command lines (configs/htsr_*.yaml) run by
+the sweep's driver (sweep.run_job).
 """
+import dataclasses
 import math
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from kdpo_lab import plots
 from kdpo_lab.spectra import (esd_data, _TABLE_COLUMNS, MIN_RELIABLE_EVALS, SmallMatrixWarning, _blas_threads, compare,
@@ -338,3 +344,95 @@ def findings(summary, n_eval=None, min_evals=MIN_RELIABLE_EVALS):
                      + (f" (with {rel['n']} runs even a perfect ranking gives p = {smallest:.2g})" if smallest == smallest
                         else "") + f".{se}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- notebook 09's runs
+
+HTSR_CONFIGS = ("configs/htsr_sft.yaml", "configs/htsr_dpo.yaml")
+"""The reference's and the aligned runs' settings at full size (shipped with kdpo_lab, see config.resolve)."""
+
+_OVER = {"max_steps": 800, "save_steps": 800, "max_train_pairs": 256}  # ~50 passes over 256 pairs
+HTSR_VARIANTS = {
+    "dpo": {},
+    "hybrid_rbf": {"kernel": "rbf", "gamma": 0.5},
+    "js": {"divergence": "js"},
+    "hmk": {"kernel": "hmk", "gamma": 0.5, "eta": 0.01},
+    "dpo_seed1": {"seed": 1},  # the same run, another seed: the noise floor
+    "overtrained": {**_OVER, "learning_rate": 2e-3},
+    "overtrained_lr5e-4": {**_OVER, "learning_rate": 5e-4},
+    # control: the over-trained run's learning rate and steps on all the pairs (~3 passes, little memorising)
+    "high_lr_all_pairs": {"max_steps": 800, "save_steps": 800, "learning_rate": 2e-3},
+}
+"""Notebook 09's aligned runs: fields of htsr_dpo.yaml each changes. Fast mode runs `dpo` only."""
+
+HTSR_FAST = ({"d_model": 64, "n_layers": 2, "n_heads": 2, "vocab_size": 512, "max_train_pairs": 256, "max_eval_pairs": 32,
+              "learning_rate": 3e-3, "max_steps": 30, "warmup_steps": 2},
+             {"max_train_pairs": 256, "max_eval_pairs": 32, "learning_rate": 1e-3, "max_steps": 10, "warmup_steps": 2,
+              "save_steps": 10})
+"""Fast mode's changes to the two configs (a smoke test: width 64, every alpha unreliable by construction)."""
+
+
+def htsr_jobs(runs_dir, fast):
+    """Notebook 09's trainings as `kdpo` jobs (sweep.Job), each one command line whatever is already done
+    (`job.line()` prints the whole experiment): the reference `kdpo sft` first, then one `kdpo train` per
+    variant from its model, in HTSR_VARIANTS order (fast: `dpo` only). Training runs with --resume true, so
+    a killed run continues from its checkpoint (train_htsr_runs skips finished ones). A folder trained with
+    other settings raises ValueError instead of being mixed in."""
+    from kdpo_lab.config import SFTConfig, TrainConfig
+    from kdpo_lab.sweep import Job, _argv
+    runs_dir = os.path.abspath(os.fspath(runs_dir))
+    sft_fast, dpo_fast = HTSR_FAST if fast else ({}, {})
+    reference = os.path.join(runs_dir, "sft")
+    specs = [("sft", SFTConfig, HTSR_CONFIGS[0], {**sft_fast, "output_dir": reference})]
+    for name, fields in HTSR_VARIANTS.items():
+        if fast and name != "dpo":
+            continue
+        specs.append((name, TrainConfig, HTSR_CONFIGS[1], {**dpo_fast, **fields, "output_dir": os.path.join(runs_dir, name),
+                                                           "model": os.path.join(reference, "model")}))
+    jobs = []
+    for name, cls, config, fields in specs:
+        fields = {**fields, "resume": True, "progress": False}
+        folder = Path(fields["output_dir"])
+        _check_settings(folder, cls, config, fields)
+        jobs.append(Job(name, folder, [_argv("sft" if cls is SFTConfig else "train", config, fields)]))
+    return jobs
+
+
+def finished(folder):
+    """True when a run folder holds its final model (training writes model/ once, at the end)."""
+    return (Path(folder) / "model" / "config.json").exists()
+
+
+def _check_settings(folder, cls, config, fields):
+    """ValueError when `folder` holds a run whose config.yaml differs from `config` + `fields` (paths compared
+    resolved; output_dir, model, resume and progress may differ: a moved runs folder)."""
+    from kdpo_lab.config import resolve
+    from kdpo_lab.sweep import MOVABLE
+    if not (folder / "config.yaml").exists():
+        return
+    saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    want = dataclasses.asdict(cls.from_yaml(resolve(config), **fields))
+    same = lambda k: (os.path.realpath(resolve(saved[k])) == os.path.realpath(resolve(want[k])) if k == "data"
+                      else saved[k] == want[k])
+    differ = [k for k in want if k in saved and k not in MOVABLE and not same(k)]
+    if differ:
+        raise ValueError(f"{folder} was trained with other settings ({', '.join(f'{k}: {saved[k]!r} != {want[k]!r}' for k in differ)}); "
+                         f"use another runs folder (KDPO_RUNS) or delete that run")
+
+
+def train_htsr_runs(runs_dir, fast, processes=2):
+    """Train what `htsr_jobs` has left: the reference, then the aligned runs `processes` at a time, each a
+    `kdpo` subprocess with one thread (sweep.run_job; its output in RUNS_DIR/NAME.log). Returns the run
+    folders, reference first. A failed run raises RuntimeError naming its log, after the others finish."""
+    from kdpo_lab.sweep import run_job
+    if not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"processes must be an integer >= 1; got {processes!r}")
+    jobs = htsr_jobs(runs_dir, fast)
+    results = [] if finished(jobs[0].folder) else [run_job(jobs[0], processes)]
+    if not results or results[0][3] is None:
+        with ThreadPoolExecutor(processes) as pool:
+            results += list(pool.map(lambda job: run_job(job, processes), [j for j in jobs[1:] if not finished(j.folder)]))
+    failed = [f"{job.name} ({error})" for job, _, _, error in results if error]
+    if failed:
+        raise RuntimeError(f"notebook 09's runs failed: {'; '.join(failed)}")
+    return [job.folder for job in jobs]
