@@ -19,6 +19,9 @@ import pandas as pd
 import yaml
 
 from kdpo_lab import plots
+from kdpo_lab.config import SFTConfig, TrainConfig, resolve
+from kdpo_lab.loading import read_pairs
+from kdpo_lab.sweep import MOVABLE, Job, argv, run_job
 from kdpo_lab.spectra import (esd_data, _TABLE_COLUMNS, MIN_RELIABLE_EVALS, SmallMatrixWarning, _blas_threads, compare,
                               layer_table, summarize, gap_relation)
 
@@ -68,8 +71,6 @@ def read_settings(run_dir):
     (written by training.train and training.sft): {"lr", "passes"}, passes = pairs seen (max_steps x
     per_device_train_batch_size x gradient_accumulation_steps) / training pairs used. NaNs without a config; passes counts against
     max_train_pairs when the data can no longer be read."""
-    from kdpo_lab.config import TrainConfig
-    from kdpo_lab.loading import read_pairs
     path = os.fspath(run_dir)
     for folder in (path, os.path.dirname(os.path.normpath(path))):
         file = os.path.join(folder, "config.yaml")
@@ -378,8 +379,6 @@ def htsr_jobs(runs_dir, fast):
     variant from its model, in HTSR_VARIANTS order (fast: `dpo` only). Training runs with --resume true, so
     a killed run continues from its checkpoint (train_htsr_runs skips finished ones). A folder trained with
     other settings raises ValueError instead of being mixed in."""
-    from kdpo_lab.config import SFTConfig, TrainConfig
-    from kdpo_lab.sweep import Job, _argv
     runs_dir = os.path.abspath(os.fspath(runs_dir))
     sft_fast, dpo_fast = HTSR_FAST if fast else ({}, {})
     reference = os.path.join(runs_dir, "sft")
@@ -394,7 +393,7 @@ def htsr_jobs(runs_dir, fast):
         fields = {**fields, "resume": True, "progress": False}
         folder = Path(fields["output_dir"])
         _check_settings(folder, cls, config, fields)
-        jobs.append(Job(name, folder, [_argv("sft" if cls is SFTConfig else "train", config, fields)]))
+        jobs.append(Job(name, folder, [argv("sft" if cls is SFTConfig else "train", config, fields)]))
     return jobs
 
 
@@ -406,8 +405,6 @@ def finished(folder):
 def _check_settings(folder, cls, config, fields):
     """ValueError when `folder` holds a run whose config.yaml differs from `config` + `fields` (paths compared
     resolved; output_dir, model, resume and progress may differ: a moved runs folder)."""
-    from kdpo_lab.config import resolve
-    from kdpo_lab.sweep import MOVABLE
     if not (folder / "config.yaml").exists():
         return
     saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
@@ -424,7 +421,6 @@ def train_htsr_runs(runs_dir, fast, processes=2):
     """Train what `htsr_jobs` has left: the reference, then the aligned runs `processes` at a time, each a
     `kdpo` subprocess with one thread (sweep.run_job; its output in RUNS_DIR/NAME.log). Returns the run
     folders, reference first. A failed run raises RuntimeError naming its log, after the others finish."""
-    from kdpo_lab.sweep import run_job
     if not isinstance(processes, int) or processes < 1:
         raise ValueError(f"processes must be an integer >= 1; got {processes!r}")
     jobs = htsr_jobs(runs_dir, fast)

@@ -132,7 +132,8 @@ class Job:
         return " && ".join("kdpo " + shlex.join(argv) for argv in self.commands)
 
 
-def _argv(command, config_path, fields):
+def argv(command, config_path, fields):
+    """`kdpo COMMAND CONFIG --field value ...` as argv (after `kdpo`): floats by repr, booleans lowercase."""
     args = [command, str(config_path)]
     for k, v in fields.items():
         args += [f"--{k.replace('_', '-')}", str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, float) else str(v)]
@@ -169,7 +170,7 @@ def sft_job(cfg, seed):
     folder = reference_folder(cfg, seed)
     fields = {**cfg.sft, "data": cfg.data, "output_dir": str(folder), "seed": seed, "progress": False}
     _check_same(folder, SFTConfig, cfg.sft_config, fields)
-    return Job(f"sft/s{seed}", folder, [] if (folder / "model").exists() else [_argv("sft", cfg.sft_config, fields)])
+    return Job(f"sft/s{seed}", folder, [] if (folder / "model").exists() else [argv("sft", cfg.sft_config, fields)])
 
 
 def train_job(cfg, variant, lr, seed, test):
@@ -178,7 +179,7 @@ def train_job(cfg, variant, lr, seed, test):
     fields = {**cfg.train, **variants(cfg)[variant], "data": cfg.data, "model": str(reference_folder(cfg, seed) / "model"),
               "output_dir": str(folder), "learning_rate": lr, "seed": seed, "resume": True, "progress": False}
     _check_same(folder, TrainConfig, cfg.train_config, fields)
-    commands = [] if (folder / "model").exists() else [_argv("train", cfg.train_config, fields)]
+    commands = [] if (folder / "model").exists() else [argv("train", cfg.train_config, fields)]
     if test and not (folder / "eval_test.json").exists():
         commands.append(["eval", str(folder), "--split", "test", "--n-generate", str(cfg.test_generate)])
     return Job(f"{variant}/lr{lr:g}_s{seed}" + ("/test" if test else ""), folder, commands)
