@@ -429,7 +429,7 @@ def _potentials_01(la, lb, epsilon, n_iter):
     tv = 0.5 * a_b.abs().sum(-1, keepdim=True)
     x = torch.maximum(0.5 * (log_r + tv.clamp_min(1e-300).log()), log_r + b.sqrt().sum(-1, keepdim=True).log())
     sigma, v = _solve_sigma(x, log_r, lambda s: _positive_root(a_b, b, s), n_iter)
-    u, _ = _positive_root(-a_b, a, sigma)
+    u = a / (v + sigma)  # u_i (v_i + sigma) = a_i: u_i is the positive root of its own quadratic
     f = -epsilon * (torch.log(v + sigma) + math.log1p(-c))
     g = -epsilon * torch.log(u + sigma)
     return f.to(la.dtype), g.to(lb.dtype)
