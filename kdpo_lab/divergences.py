@@ -400,7 +400,7 @@ def _solve_sigma(x, log_r, roots, n_iter):
         v, dv = roots(sigma)
         S = v.sum(-1, keepdim=True)
         h = log_r + S.log() - x
-        if float(h.abs().max()) < 1e-12:
+        if h.numel() == 0 or float(h.abs().max()) < 1e-12:  # no rows: nothing to solve
             return sigma, v
         x = x - h / (sigma * dv.sum(-1, keepdim=True) / S - 1.0)
     sigma = x.exp()

@@ -106,3 +106,11 @@ def test_wasserstein_penalty_is_unchanged_by_a_per_row_shift_of_its_inputs():
     div = D.get("wasserstein")
     on_logprobs = div.penalty(pol.log_softmax(-1), ref.log_softmax(-1))
     torch.testing.assert_close(div.penalty(pol + shift, ref - shift), on_logprobs, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("params", [{}, {"token_embeddings": torch.randn(64, 4)}], ids=["0/1", "embeddings"])
+def test_token_penalty_of_a_batch_without_response_positions_is_zero(params):
+    pol = torch.randn(2, 3, 64, requires_grad=True)
+    d = D.token_penalty(D.get("wasserstein", **params), pol, torch.randn(2, 3, 64), torch.zeros(2, 3))
+    (g,) = torch.autograd.grad(d.sum(), pol)
+    assert (d == 0).all() and (g == 0).all()
