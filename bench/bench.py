@@ -47,7 +47,7 @@ def machine():
     import trl
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     gpu = ("" if torch.cuda.is_available() else
-           " (CPU only: no GPU here, so no GPU figure, tokens per second on a GPU or model FLOPs utilisation)")
+           "\n- CPU only: no GPU measured (no GPU figure: tokens per second on a GPU, model FLOPs utilisation)")
     return (f"- machine: {platform.node()}, {cores} cores available, load average (1/5/15 min) {load}\n"
             f"- torch {torch.__version__} with {torch.get_num_threads()} threads, transformers {transformers.__version__}, "
             f"trl {trl.__version__}, python {platform.python_version()}\n"
