@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kdpo_lab import kernels, package_root, selection, sweep, sweep_stats
+from kdpo_lab import kernels, package_root, selection, sweep, sweep_stats, sweep_table
 
 PAPER = "Das et al. 2025 (arXiv 2501.03271)"
 VERDICTS = ("reproduced", "not reproduced", "not testable at this scale")
@@ -98,7 +98,7 @@ def final_table(table, expected):
     """One row per finished run (its test evaluation) on the comparison's seeds. Only the seed phase is
     evaluated on the test split, at each variant's chosen learning rate, so these are the paired runs."""
     if not len(table) or "split" not in table or not (table["split"] == "test").any():
-        return table.iloc[0:0]
+        return pd.DataFrame(columns=[*sweep_table.ID, "split", "step", METRIC])
     final = sweep_stats.final_rows(table, "test")
     return final[final["seed"].isin(list(expected.seeds))].reset_index(drop=True)
 
