@@ -3,12 +3,12 @@
 Das et al., "DPO Kernels" (arXiv 2501.03271, ACL Findings 2025) make five claims that the 28-pair sweep
 (`kdpo sweep`, its committed table results/sweep/table.csv) and notebook 09's HT-SR run can answer:
 
-a. the hybrid loss gains +9.2% on average over DPO (abstract);
+a. the hybrid loss gains +9.2% on average over DPO (contribution i, the hybrid loss);
 b. different task families prefer different kernel-divergence pairs (its results by category);
-c. HMK aligns best, at about 3-4x the compute (its HMK section and limitations);
+c. HMK aligns best, at about 3-4x the compute (contribution iv, HMK);
 d. after alignment, the layers' weightwatcher exponents stay in the healthy band 2-6, read as "no
-   over-fitting" (its HT-SR section);
-e. its data-driven metrics pick a good pair (its selection section; our metrics are our own design,
+   over-fitting" (its HT-SR analysis);
+e. its data-driven metrics pick a good pair (contribution iii; our metrics are our own design,
    `kdpo_lab.selection`, since the paper's definitions are not recoverable).
 
 Each claim becomes a row: claim, paper, ours (numbers with 95% intervals over seeds, paired by seed),
@@ -29,6 +29,8 @@ The rules (functions `rule_*`, each a pure function of an interval, so a noteboo
 * a correlation: reproduced when its interval lies above 0, not reproduced when it lies below
   USEFUL_SPEARMAN (0.3; a rank correlation below it explains under a tenth of the ranks' variance,
   too little to pick by: our threshold), not testable otherwise;
+* the best pair per family: per family, the recalled pick minus the best pair found, by the "X is
+  best" rule (the pick is the best found: reproduced); see `claim_family_best`;
 * the HT-SR band reading: see `rule_band`.
 """
 import math
@@ -54,14 +56,49 @@ METRIC = "reward/policy"      # held-out exact reward, the sweep's metric
 
 @dataclass
 class Expected:
-    """What the full sweep is configured to run (configs/sweep.yaml): the seeds of the comparison.
-    A claim is pending until each variant it needs has a test evaluation on every one of them."""
+    """What the full sweep is configured to run (configs/sweep.yaml): the seeds of the comparison, the
+    variants, the learning-rate grid and the seed it is chosen on. A claim is pending until each variant
+    it needs has a test evaluation on every one of `seeds`."""
     seeds: tuple = (1, 2, 3, 4, 5)
+    variants: tuple = ()
+    learning_rates: tuple = ()
+    lr_seed: int = 0
 
     @classmethod
     def from_sweep(cls, path=None):
         cfg = sweep.SweepConfig.from_yaml(path or package_root() / "configs" / "sweep.yaml")
-        return cls(tuple(cfg.seeds))
+        return cls(tuple(cfg.seeds), tuple(sweep.variants(cfg)), tuple(cfg.learning_rates), cfg.lr_seed)
+
+
+def sweep_progress(table, expected):
+    """The sweep's two phases, runs finished of runs planned: the learning-rate runs (on lr_seed, finished =
+    evaluated on the validation split at the last step any run reached) and the seed runs (test evaluation)."""
+    rows = table[table["split"] == "validation"] if len(table) and "split" in table else table.iloc[0:0]
+    grid = rows[(rows["seed"] == expected.lr_seed) & rows["learning_rate"].isin(expected.learning_rates)] if len(rows) else rows
+    finished = grid[grid["step"] == grid["step"].max()] if len(grid) else grid
+    n_lr = len(finished.groupby(["variant", "learning_rate"])) if len(finished) else 0
+    n_seed = len(final_table(table, expected))
+    return pd.DataFrame([
+        {"phase": f"learning rates (seed {expected.lr_seed}, validation split)", "runs_done": n_lr,
+         "runs_planned": len(expected.variants) * len(expected.learning_rates)},
+        {"phase": f"seeds {', '.join(map(str, expected.seeds))} (test split)", "runs_done": n_seed,
+         "runs_planned": len(expected.variants) * len(expected.seeds)}])
+
+
+def chosen_rates(table, expected):
+    """The learning rate chosen so far for each variant whose whole grid has finished on lr_seed
+    (sweep_stats.choose_learning_rates: best held-out exact reward on the validation split)."""
+    none = pd.DataFrame({"variant": pd.Series(dtype=str), "learning_rate": pd.Series(dtype=float),
+                         METRIC: pd.Series(dtype=float), "chosen": pd.Series(dtype=bool)})
+    rows = table[(table["split"] == "validation") & (table["seed"] == expected.lr_seed)] if len(table) and "split" in table else table.iloc[0:0]
+    if not len(rows):
+        return none
+    last = rows[rows["step"] == rows["step"].max()]
+    complete = [v for v, r in last.groupby("variant") if set(expected.learning_rates) <= set(r["learning_rate"])]
+    grid = rows[rows["variant"].isin(complete) & rows["learning_rate"].isin(expected.learning_rates)]
+    if not len(grid):
+        return none
+    return sweep_stats.choose_learning_rates(grid, expected.lr_seed, METRIC)
 
 
 @dataclass
@@ -104,11 +141,15 @@ def final_table(table, expected):
 
 
 def progress(final, variants, expected):
-    """(runs done, runs needed, missing variants as 'name (k of n seeds)') for `variants` x the seeds."""
+    """(runs done, runs needed, what is missing: a list of short phrases) for `variants` x the seeds."""
     seeds = set(expected.seeds)
     have = {v: len(seeds & set(final["seed"][final["variant"] == v])) for v in variants}
-    missing = [f"{v} ({n} of {len(seeds)} seeds)" for v, n in have.items() if n < len(seeds)]
-    return sum(have.values()), len(variants) * len(seeds), missing
+    partial = [f"{v} ({n} of {len(seeds)} seeds)" for v, n in have.items() if 0 < n < len(seeds)]
+    none = [v for v, n in have.items() if n == 0]
+    if none:
+        partial.append(f"{len(none)} variant{'s' * (len(none) > 1)} with no finished run "
+                       f"({', '.join(none[:4])}{', ...' if len(none) > 4 else ''})")
+    return sum(have.values()), len(variants) * len(seeds), partial
 
 
 def per_seed(final, variant, column):
@@ -216,7 +257,7 @@ def claim_hybrid_gain(final, expected):
     averaged over the four families (sweep_stats.hybrid_gains); the verdict reads all four kernels together."""
     hybrids = [f"{k}+kl" for k in kernels.PAPER_FOUR]
     done = progress(final, ["dpo", *hybrids], expected)
-    paper = f"+{sweep_stats.PAPER_GAIN:.1%} average over DPO on 12 datasets ({PAPER}, abstract)"
+    paper = f"+{sweep_stats.PAPER_GAIN:.1%} average over DPO on 12 datasets ({PAPER}: hybrid loss, contribution i)"
     dpo = set(per_seed(final, "dpo", METRIC).index)
     present = [h for h in hybrids if len(per_seed(final, h, METRIC))]
     shared = dpo.intersection(*[set(per_seed(final, h, METRIC).index) for h in present]) if present else set()
@@ -279,6 +320,15 @@ def costs_from_table(final):
         else pd.DataFrame(columns=["variant", "seed", "seconds"])
 
 
+def costs_from_jobs(jobs):
+    """(variant, seed, seconds) from the sweep's jobs.jsonl rows (a DataFrame): the CPU seconds of each seed
+    run's job (training and its test evaluation, which costs the same for every variant, so the ratio
+    understates the training's; each run's time/step_s, the default, does not)."""
+    rows = jobs[jobs["job"].str.endswith("/test") & jobs["error"].isna()]
+    parts = rows["job"].str.extract(r"^(?P<variant>[^/]+)/lr[^_]+_s(?P<seed>\d+)/test$")
+    return pd.DataFrame({"variant": parts["variant"], "seed": parts["seed"].astype(int), "seconds": rows["cpu_s"]})
+
+
 def claim_hmk(final, costs, expected):
     """(c) Two rows. HMK best: HMK minus the best single-kernel hybrid (KL link, chosen by mean reward on
     the same runs), paired by seed, by `rule_better`. Its cost: per seed, HMK's cost / plain DPO's (costs:
@@ -286,7 +336,7 @@ def claim_hmk(final, costs, expected):
     hybrids = [f"{k}+kl" for k in kernels.PAPER_FOUR]
     hmk = per_seed(final, "hmk", METRIC)
     means = {h: per_seed(final, h, METRIC).mean() for h in hybrids if len(per_seed(final, h, METRIC))}
-    paper_best = f"HMK aligns best of all variants ({PAPER}, HMK section)"
+    paper_best = f"HMK aligns best of all variants ({PAPER}: HMK, contribution iv)"
     if not len(hmk) or not means:
         best_row = _row("c. HMK is the best loss", paper_best, "no paired runs yet", ("not testable at this scale", "no runs"),
                         progress(final, ["hmk", *hybrids], expected))
@@ -298,7 +348,7 @@ def claim_hmk(final, costs, expected):
                         rule_better(low, high, f"HMK - {best}"), progress(final, ["hmk", *hybrids], expected), mean, low, high)
     costs = costs_from_table(final) if costs is None else costs
     by = {v: costs[costs["variant"] == v].set_index("seed")["seconds"].dropna() for v in ("hmk", "dpo")}
-    paper_cost = f"about {COST_BAND[0]:g}-{COST_BAND[1]:g}x the compute ({PAPER}, limitations)"
+    paper_cost = f"about {COST_BAND[0]:g}-{COST_BAND[1]:g}x the compute of DPO ({PAPER}: HMK's cost)"
     done = progress(final, ["hmk", "dpo"], expected)
     both = by["hmk"].index.intersection(by["dpo"].index)
     if not len(both):
@@ -310,7 +360,7 @@ def claim_hmk(final, costs, expected):
 
 def claim_htsr(summary):
     """(d) The HT-SR healthy-band reading, on notebook 09's full run (results/htsr/summary.csv)."""
-    paper = f"aligned layers keep weightwatcher alpha in 2-6, so alignment does not over-fit ({PAPER}, HT-SR section)"
+    paper = f"aligned layers keep weightwatcher alpha in 2-6, so alignment does not over-fit ({PAPER}: HT-SR analysis)"
     if summary is None:
         return _row("d. HT-SR healthy band", paper, "results/htsr/summary.csv not written yet (notebook 09's full run)",
                     ("not testable at this scale", "no summary"), (0, 1, ["notebook 09's full run"]))
@@ -367,7 +417,7 @@ def claim_selection(final, tables, expected):
     """(e) The selection metrics' usefulness: Spearman over the 28 pairs (group "all") by `rule_correlation`;
     the regret and the three pickers in `ours`."""
     done = progress(final, ["dpo", *[f"{k}+{d}" for k, d in selection.PAIRS]], expected)
-    paper = f"its data-driven metrics select the best pair ({PAPER}, selection section); ours are our own design"
+    paper = f"its data-driven metrics select the best pair ({PAPER}: contribution iii); ours are our own design"
     if tables is None:
         return _row("e. selection metrics pick well", paper, "no selection scores (results/selection/scores.csv)",
                     ("not testable at this scale", "no scores"), done)
