@@ -175,3 +175,28 @@ def test_b_a_recalled_pick_that_is_the_best_pair_in_every_family_is_reproduced()
     tables.rules[["kernel", "divergence"]] = [k, d]
     row = P.claims(table, selection=tables, expected=P.Expected((1, 2, 3))).set_index("claim").loc["b. best pair per task family"]
     assert row["verdict"] == "reproduced"
+
+
+# ---------------------------------------------------------------- the sweep's progress and costs
+
+def test_progress_counts_learning_rate_runs_finished_on_the_lr_seed_and_seed_runs_evaluated_on_test():
+    expected = P.Expected(seeds=(1, 2), variants=("dpo", "hmk"), learning_rates=(1e-4, 5e-5), lr_seed=0)
+    val = lambda v, lr, step, r: {"variant": v, "learning_rate": lr, "seed": 0, "split": "validation", "step": step, "reward/policy": r}
+    table = pd.DataFrame([val("dpo", 1e-4, 150, 0.4), val("dpo", 5e-5, 150, 0.5), val("hmk", 1e-4, 150, 0.3),
+                          val("hmk", 5e-5, 50, 0.2),  # still training: not finished
+                          run_row("dpo", 1, dpo_reward(1)), run_row("dpo", 2, dpo_reward(2))])
+    progress = P.sweep_progress(table, expected).set_index("phase")
+    assert list(progress["runs_done"]) == [3, 2] and list(progress["runs_planned"]) == [4, 4]
+    rates = P.chosen_rates(table, expected)  # only dpo's grid has finished; its best rate is 5e-5
+    assert list(rates.loc[rates["chosen"], "variant"]) == ["dpo"] and rates.loc[rates["chosen"], "learning_rate"].item() == 5e-5
+
+
+def test_costs_from_jobs_reads_the_seed_runs_cpu_seconds_and_skips_references_grid_runs_and_failures():
+    jobs = pd.DataFrame([{"job": "sft/s1", "cpu_s": 150.0, "error": None},
+                         {"job": "hmk/lr5e-05_s0", "cpu_s": 90.0, "error": None},
+                         {"job": "hmk/lr5e-05_s1/test", "cpu_s": 120.0, "error": None},
+                         {"job": "rbf+kl/lr0.0001_s2/test", "cpu_s": 100.0, "error": None},
+                         {"job": "dpo/lr5e-05_s1/test", "cpu_s": 80.0, "error": "exit status 1"}])
+    costs = P.costs_from_jobs(jobs)
+    assert costs.to_dict("records") == [{"variant": "hmk", "seed": 1, "seconds": 120.0},
+                                        {"variant": "rbf+kl", "seed": 2, "seconds": 100.0}]
