@@ -278,9 +278,10 @@ def claim_family_best(final, tables, expected):
     """(b) The best pair per task family (its mean reward and difference to DPO, paired by seed) against the
     paper's per-family preference. The paper's per-category tables are not recoverable; what stands in is
     the paper's rule of thumb as RECALLED (unverified), applied to each family's reference data by `kdpo
-    select` (its rule_of_thumb.csv). Per family: the best pair minus the recalled pick, paired by seed,
-    by `rule_better` (the pick is "best" when that difference is not above 0); overall: not reproduced
-    if any family is, reproduced if all are, else not testable."""
+    select` (its rule_of_thumb.csv). Per family: reproduced when the recalled pick is the best pair found;
+    otherwise `rule_better` on the pick minus the best pair, paired by seed (not reproduced when it lies
+    below 0, not testable when it holds 0). Overall: not reproduced if any family is, reproduced if all
+    are, else not testable."""
     pairs = [f"{k}+{d}" for k, d in selection.PAIRS]
     done = progress(final, ["dpo", *pairs], expected)
     paper = "each family prefers its own pair (per-category tables, not recoverable); recalled rule of thumb (unverified) per family"
