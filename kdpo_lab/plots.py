@@ -554,3 +554,30 @@ def plot_run_metric(metrics, key, ax=None, ylabel=None, title=None):
     ax.set(xlabel="step", ylabel=ylabel or key, title=title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return ax
+
+
+# ---- the paper's claims beside ours (notebook 10) ----------------------------------------------------
+
+def plot_note(text, ax=None, title=None):
+    """An empty panel that says why it is empty (e.g. "no finished runs yet"), in place of a figure."""
+    ax = _ax(ax, (6.5, 1.6))
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=10, color="0.3")
+    ax.set(xticks=[], yticks=[], title=title)
+    return ax
+
+
+def plot_score_vs_result(table, ax=None, marks=None, title="selection score vs achieved result",
+                         ylabel="held-out exact reward (mean over seeds)"):
+    """Scatter of one point per pair: table with columns kernel, divergence, score, value (the achieved
+    result). Colour by kernel; marks {label: (kernel, divergence)} ringed and named in a legend to the right."""
+    ax = _ax(ax, (6.5, 4))
+    for n, (kernel, rows) in enumerate(table.groupby("kernel", sort=False)):
+        ax.scatter(rows["score"], rows["value"], s=28, color=f"C{n}", label=kernel)
+    for n, (label, (kernel, divergence)) in enumerate((marks or {}).items()):
+        row = table[(table["kernel"] == kernel) & (table["divergence"] == divergence)]
+        if len(row):
+            ax.scatter(row["score"], row["value"], s=160 + 90 * n, facecolors="none", edgecolors=f"C{5 + n}", lw=2,
+                       label=f"{label}: {kernel}+{divergence}")
+    ax.set(xlabel="selection score (before training)", ylabel=ylabel, title=title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return ax
