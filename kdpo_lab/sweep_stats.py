@@ -140,6 +140,8 @@ def frontier_gap(table, variant, baseline="dpo", metric="reward/policy", level=0
 def _family_arrays(final, variants, baseline, metric, fams):
     """Aligned [seed, variant, family] and [seed, family] arrays over the seeds every variant has."""
     seeds = sorted(set.intersection(*[set(final["seed"][final["variant"] == v]) for v in [*variants, baseline]]))
+    if not seeds:
+        raise ValueError(f"no seed has runs of all of {[*variants, baseline]}: nothing to pair")
     cols = [f"{metric}/{f}" for f in fams]
     a = np.stack([np.stack([seed_matrix(final, v, c, seeds).to_numpy() for c in cols], -1) for v in variants], 1)
     b = np.stack([seed_matrix(final, baseline, c, seeds).to_numpy() for c in cols], -1)
@@ -207,4 +209,4 @@ def pair_results(final, metric="reward/policy", baseline="dpo"):
             out.append({"kernel": kernel, "divergence": divergence, "family": family, "value": rows[col].mean(),
                         "n_seeds": rows[col].notna().sum(), "vs_baseline": d["difference"],
                         "low": d["low"], "high": d["high"]})
-    return pd.DataFrame(out)
+    return pd.DataFrame(out, columns=["kernel", "divergence", "family", "value", "n_seeds", "vs_baseline", "low", "high"])

@@ -97,6 +97,18 @@ def test_relative_gain_averages_families_not_pooled_rewards():
     assert sweep_stats.relative_gain(table, ["rbf+kl"])["gain"] == pytest.approx(0.25)
 
 
+def test_variants_that_share_no_seed_have_no_gain_and_say_why():
+    table = runs_table({"dpo": [[0.4, 0.2]], "rbf+kl": [[0.5, 0.3]] * 2})
+    table = table[~((table["variant"] == "rbf+kl") & (table["seed"] == table["seed"].min()))]
+    with pytest.raises(ValueError, match="no seed has runs of all"):
+        sweep_stats.relative_gain(table, ["rbf+kl"])
+
+
+def test_pair_results_without_pair_runs_is_an_empty_table_with_its_columns():
+    table = runs_table({"dpo": [[0.4, 0.2]] * 2})
+    assert list(sweep_stats.pair_results(table).columns)[:3] == ["kernel", "divergence", "family"]
+
+
 def test_a_family_where_dpo_scores_zero_is_left_out_of_the_gain_and_named():
     table = runs_table({"dpo": [[0.4, 0.0]] * 3, "rbf+kl": [[0.5, 0.1]] * 3})
     gain = sweep_stats.relative_gain(table, ["rbf+kl"])
