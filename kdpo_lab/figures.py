@@ -186,8 +186,10 @@ def make(ctx, only=None, force=False, progress=True):
     """Make the figures (all, or `only`) into ctx.out; returns {figure name: error line} of the failures.
     A figure with both files already there is skipped unless force."""
     import matplotlib
+    import transformers
     from tqdm.auto import tqdm
     matplotlib.use("Agg")
+    transformers.utils.logging.disable_progress_bar()  # one "Loading weights" bar per model load says nothing here
     figures = select(only)
     Path(ctx.out).mkdir(parents=True, exist_ok=True)
     rev, rows, failed, skipped = commit(), [], {}, 0

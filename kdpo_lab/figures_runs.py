@@ -82,10 +82,21 @@ def _read(path):
     return pd.read_json(path, lines=True) if Path(path).exists() else pd.DataFrame()
 
 
+def _scalars(df):
+    """A run table without its columns of lists or dicts (eval.jsonl's samples, 'unavailable' notes)."""
+    nested = [c for c in df.columns if df[c].map(lambda v: isinstance(v, (dict, list))).any()]
+    return df.drop(columns=nested)
+
+
 def _long(frames, key="run"):
     """{name: DataFrame} as one table with a `key` column first; `_split` undoes it."""
-    return pd.concat([df.drop(columns=["samples"], errors="ignore").assign(**{key: name}) for name, df in frames.items()])[
+    return pd.concat([_scalars(df).assign(**{key: name}) for name, df in frames.items()])[
         lambda t: [key] + [c for c in t.columns if c != key]].reset_index(drop=True)
+
+
+def _finals(evals, key):
+    """The last evaluation of each run, one row per run named in column `key`."""
+    return pd.DataFrame([{key: n, **_scalars(e).iloc[-1].drop("step", errors="ignore")} for n, e in evals.items()])
 
 
 def _split(table, key="run"):
@@ -134,8 +145,7 @@ def qs_reward_vs_kl_draw(d):
 
 def qs_winrate_data(ctx):
     _, evals, config = _quickstart(ctx)
-    final = pd.DataFrame([{"variant": n, **e.iloc[-1].drop(["samples", "step"], errors="ignore")} for n, e in evals.items()])
-    return {"final": final, "_config": config}
+    return {"final": _finals(evals, "variant"), "_config": config}
 
 
 def qs_winrate_draw(d):
@@ -211,8 +221,7 @@ def eval_curves_draw(d):
 
 def by_family_data(ctx):
     s = _nb05(ctx)
-    final = pd.DataFrame([{"run": n, **e.iloc[-1].drop(["samples", "step"], errors="ignore")} for n, e in s["evals"].items()])
-    return {"final": final, "_config": s["config"]}
+    return {"final": _finals(s["evals"], "run"), "_config": s["config"]}
 
 
 def by_family_draw(d):
