@@ -162,8 +162,9 @@ def make_one(fig, ctx, rev):
     csv_table(data).to_csv(csv_path, index=False)
     drawn.savefig(png, dpi=110, bbox_inches="tight")
     plt.close("all")
-    return {"file": png.name, "figure": fig.name, "source": fig.source, "config": data.get("_config", f"{fig.config} ({ctx.mode} sizes)"),
-            "commit": rev, "seed": ctx.seed, "mode": ctx.mode, "wall_s": round(time.perf_counter() - t0, 2)}
+    config = data.get("_config", f"{fig.config} ({ctx.mode} sizes)")
+    return {"file": png.name, "figure": fig.name, "source": fig.source, "config": config, "commit": rev, "seed": ctx.seed,
+            "mode": ctx.mode, "wall_s": round(time.perf_counter() - t0, 2)}
 
 
 def read_manifest(out):
@@ -182,9 +183,16 @@ def write_manifest(out, rows):
         writer.writerows(old[n] for n in order if n in old)
 
 
+def _done(fig, ctx, row):
+    """Both files are there, made in this mode with this seed (a fast figure never passes for a full one)."""
+    there = all((Path(ctx.out) / f"{fig.name}{ext}").exists() for ext in (".png", ".csv"))
+    return there and row is not None and row["mode"] == ctx.mode and row["seed"] == str(ctx.seed)
+
+
 def make(ctx, only=None, force=False, progress=True):
     """Make the figures (all, or `only`) into ctx.out; returns {figure name: error line} of the failures.
-    A figure with both files already there is skipped unless force."""
+    A figure whose PNG and CSV are there, made in the same mode and seed (manifest.csv), is skipped
+    unless force."""
     import matplotlib
     import transformers
     from tqdm.auto import tqdm
@@ -193,10 +201,11 @@ def make(ctx, only=None, force=False, progress=True):
     figures = select(only)
     Path(ctx.out).mkdir(parents=True, exist_ok=True)
     rev, rows, failed, skipped = commit(), [], {}, 0
+    made = {r["figure"]: r for r in read_manifest(ctx.out).to_dict("records")}
     bar = tqdm(figures, desc="figures", unit="fig", disable=not progress, dynamic_ncols=True)
     for fig in bar:
         bar.set_postfix_str(fig.name)
-        if not force and all((Path(ctx.out) / f"{fig.name}{ext}").exists() for ext in (".png", ".csv")):
+        if not force and _done(fig, ctx, made.get(fig.name)):
             skipped += 1
             continue
         try:

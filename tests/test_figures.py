@@ -185,3 +185,10 @@ def test_full_mode_reads_the_committed_sweep_table_and_never_launches_the_sweep(
     (tmp_path / "results" / "sweep").mkdir(parents=True)
     pd.DataFrame([{"variant": "dpo", "seed": 1, "split": "test"}]).to_csv(tmp_path / "results" / "sweep" / "table.csv", index=False)
     assert len(figures_runs.sweep_table(Context(mode="full", runs=tmp_path))) == 1
+
+
+def test_a_fast_figure_is_not_taken_for_a_full_one(tmp_path):
+    fast = Context(mode="fast", out=tmp_path, runs=tmp_path / "runs")
+    assert figures.make(fast, only="01_loss_and_weight", progress=False) == {}
+    figures.make(Context(mode="full", out=tmp_path, runs=tmp_path / "runs"), only="01_loss_and_weight", progress=False)
+    assert list(pd.read_csv(tmp_path / "manifest.csv")["mode"]) == ["full"]  # remade, not skipped
