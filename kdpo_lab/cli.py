@@ -177,8 +177,8 @@ def _main_parser():
     p.add_argument("--only", default=None, metavar="NAME[,NAME]", help="make only these figures (names: --list)")
     p.add_argument("--force", action="store_true", help="remake figures whose PNG and CSV already exist")
     p.add_argument("--runs", default="runs/figures", help="folder of the training runs, made once and reused [%(default)s]")
-    p.add_argument("--processes", type=int, default=1, help="parallel kdpo processes for runs; 0: inside this process "
-                                                            "[%(default)s]")
+    p.add_argument("--processes", type=int, default=2, help="runs trained in parallel, one `kdpo` process each; 0: one "
+                                                            "by one inside this process [%(default)s]")
     p.add_argument("--seed", type=int, default=0, help="the seed the notebooks use [%(default)s]")
     p.add_argument("--list", action="store_true", help="print every figure's name and where it appears; make nothing")
 

@@ -40,7 +40,7 @@ class Context:
     seed: int = 0
     out: Path = field(default=Path("figures"), compare=False)
     runs: Path = Path("runs/figures")
-    processes: int = 1
+    processes: int = 2
     kdpo: Callable | None = field(default=None, compare=False)
 
     def __post_init__(self):

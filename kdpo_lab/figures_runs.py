@@ -16,6 +16,7 @@ import contextlib
 import functools
 import io
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -64,13 +65,19 @@ def run_job_of(ctx, command, folder, fields):
 
 
 def ensure(ctx, jobs, done="model"):
-    """Run the jobs whose result (`done` in their folder) is missing, in order, through sweep.run_job;
-    RuntimeError naming the run and its log if one fails."""
-    for job in jobs:
-        if job.commands and not (job.folder / done).exists():
-            _, _, _, error = sweep.run_job(job, ctx.processes, in_process=ctx.kdpo)
-            if error or not (job.folder / done).exists():
-                raise RuntimeError(f"run {job.name} failed: {error or 'no ' + done}; see {job.folder.parent / job.folder.name}.log")
+    """Run the jobs whose result (`done` in their folder) is missing through sweep.run_job, ctx.processes
+    at a time (the jobs of one call must not depend on each other; 0: one by one in this process);
+    RuntimeError naming the run and its log if one fails. Returns the jobs' folders."""
+    todo = [job for job in jobs if job.commands and not (job.folder / done).exists()]
+    run = functools.partial(sweep.run_job, processes=ctx.processes, in_process=ctx.kdpo)
+    if ctx.processes > 1 and len(todo) > 1:
+        with ThreadPoolExecutor(ctx.processes) as pool:
+            results = list(pool.map(run, todo))
+    else:
+        results = [run(job) for job in todo]
+    for job, _, _, error in results:
+        if error or not (job.folder / done).exists():
+            raise RuntimeError(f"run {job.name} failed: {error or 'no ' + done}; see {job.folder.parent / job.folder.name}.log")
     return [job.folder for job in jobs]
 
 

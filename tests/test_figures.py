@@ -192,3 +192,21 @@ def test_a_fast_figure_is_not_taken_for_a_full_one(tmp_path):
     assert figures.make(fast, only="01_loss_and_weight", progress=False) == {}
     figures.make(Context(mode="full", out=tmp_path, runs=tmp_path / "runs"), only="01_loss_and_weight", progress=False)
     assert list(pd.read_csv(tmp_path / "manifest.csv")["mode"]) == ["full"]  # remade, not skipped
+
+
+def test_ensure_runs_only_missing_runs_and_names_a_failed_one(tmp_path):
+    from kdpo_lab.sweep import Job
+    calls = []
+
+    def kdpo(argv):  # a stand-in for cli.main: "trains" by writing model/ unless told to fail
+        calls.append(argv[1])
+        if argv[0] == "ok":
+            (Path(argv[1]) / "model").mkdir(parents=True)
+
+    ctx = Context(runs=tmp_path, processes=0, kdpo=kdpo)
+    (tmp_path / "done" / "model").mkdir(parents=True)
+    jobs = [Job(f"r/{n}", tmp_path / n, [["ok", str(tmp_path / n)]]) for n in ("done", "new")]
+    assert figures_runs.ensure(ctx, jobs) == [tmp_path / "done", tmp_path / "new"]
+    assert calls == [str(tmp_path / "new")]  # the finished run is not run again
+    with pytest.raises(RuntimeError, match="run r/bad failed: no model"):
+        figures_runs.ensure(ctx, [Job("r/bad", tmp_path / "bad", [["fail", str(tmp_path / "bad")]])])
