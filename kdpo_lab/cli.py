@@ -1,4 +1,4 @@
-"""The `kdpo` command: quickstart, generate-data, sft, train, eval, demo, spectra.
+"""The `kdpo` command: quickstart, generate-data, sft, train, eval, demo, spectra, figures.
 
 Every training option is a field of `kdpo_lab.config.SFTConfig` (`kdpo sft`) or `TrainConfig`
 (`kdpo train`); `transformers.HfArgumentParser` turns the fields into options. A YAML file sets
@@ -31,6 +31,29 @@ SFT_EPILOG = """examples:
   kdpo sft configs/sft_tiny.yaml --data my_pairs.jsonl --max-length auto
   kdpo sft configs/sft_tiny.yaml --resume true                    continue a killed run
 add --debug (or set KDPO_DEBUG=1) to see the traceback behind an error message
+"""
+FIGURES_HELP = """Redraw every figure of notebooks 01-09 and of the README into one folder, from saved run tables.
+
+For each figure: OUT/NAME.png, OUT/NAME.csv (the numbers behind it) and a row of OUT/manifest.csv
+(file, figure, source, config, commit, seed, mode, wall_s). Each figure is drawn by the plots.*
+function its notebook calls, from tables; notebooks are not executed. Figures of training runs
+(notebooks 05-09, the README's quickstart) first train the runs they lack through the sweep's run
+driver, as `kdpo sft` / `kdpo train` / `kdpo quickstart` command lines, into --runs; later calls reuse them.
+"""
+FIGURES_EPILOG = """modes:
+  --fast   small versions for CI: the math at the notebooks' fast sizes, runs at the sizes of
+           configs/sweep_fast.yaml and `kdpo quickstart --fast`. Smoke tests of the code path, not results.
+  (none)   the reproduction: the notebooks' full sizes (hours of CPU for the runs of notebooks 05-09).
+           The 28-pair sweep is never launched from here: its figures read results/sweep/table.csv.
+
+examples:
+  kdpo figures --fast --out /tmp/figures         everything, small, into a scratch folder
+  kdpo figures                                   the committed figures/ (reuses finished runs in runs/figures)
+  kdpo figures --only 05_reward_vs_kl,readme_pair_grid --force
+  kdpo figures --list                            every figure's name and its notebook
+
+A figure whose PNG and CSV exist is skipped (--force remakes it). A figure that fails is reported in
+one line and the others go on; the exit status is then 1.
 """
 
 
@@ -147,6 +170,18 @@ def _main_parser():
                    help="a sequence-classification reward model: adds reward and win-rate on any data")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens sampled per response [%(default)s]")
 
+    p = sub.add_parser("figures", help="redraw every figure of the notebooks and the README into figures/, from run tables",
+                       description=FIGURES_HELP, epilog=FIGURES_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fast", action="store_true", help="small versions for CI; without it, full size (the reproduction)")
+    p.add_argument("--out", default="figures", help="folder for the PNGs, CSVs and manifest.csv [%(default)s]")
+    p.add_argument("--only", default=None, metavar="NAME[,NAME]", help="make only these figures (names: --list)")
+    p.add_argument("--force", action="store_true", help="remake figures whose PNG and CSV already exist")
+    p.add_argument("--runs", default="runs/figures", help="folder of the training runs, made once and reused [%(default)s]")
+    p.add_argument("--processes", type=int, default=2, help="runs trained in parallel, one `kdpo` process each; 0: one "
+                                                            "by one inside this process [%(default)s]")
+    p.add_argument("--seed", type=int, default=0, help="the seed the notebooks use [%(default)s]")
+    p.add_argument("--list", action="store_true", help="print every figure's name and where it appears; make nothing")
+
     p = sub.add_parser("demo", help="the math on a toy batch: every kernel x divergence pair, table and plots")
     p.add_argument("--out", default="outputs/demo", help="output folder [%(default)s]")
 
@@ -208,6 +243,9 @@ def run(argv):
             split=args.split, n_generate=args.n_generate, data=args.data, reward_model=args.reward_model,
             max_new_tokens=args.max_new_tokens))
         print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
+    elif args.command == "figures":
+        from kdpo_lab import figures
+        return figures.run(args, kdpo=main)
     elif args.command == "demo":
         from kdpo_lab import quickstart
         quickstart.math_demo(Path(args.out))
