@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from kdpo_lab import kernels, package_root, plots, selection, sweep
+from kdpo_lab import kernels, package_root, plots, selection, spectra_runs, sweep
 from kdpo_lab.sweep_table import write_table
 
 SIZE_KEYS = ("d_model", "n_layers", "n_heads", "vocab_size", "max_steps", "warmup_steps", "max_train_pairs", "max_eval_pairs",
@@ -562,12 +562,8 @@ def rehearsal_draw(d):
 @functools.cache
 def _nb09(ctx):
     """Notebook 09's runs (spectra_runs.train_htsr_runs) and their HT-SR analysis (spectra_runs.analyse_runs)."""
-    from kdpo_lab import spectra_runs
-    if not hasattr(spectra_runs, "train_htsr_runs"):
-        raise RuntimeError("spectra_runs.train_htsr_runs(runs_dir, fast, processes) is missing: notebook 09's runs "
-                           "cannot be built by `kdpo figures` until it exists")
     out = _runs_dir(ctx, "nb09")
-    run_dirs = [Path(r) for r in spectra_runs.train_htsr_runs(out, ctx.fast, ctx.processes)]
+    run_dirs = [Path(r) for r in spectra_runs.train_htsr_runs(out, ctx.fast, ctx.processes, ctx.kdpo)]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         summary = spectra_runs.analyse_runs(run_dirs, out / "spectra", verbose=False)

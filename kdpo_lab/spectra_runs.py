@@ -8,6 +8,7 @@ the runs notebook 09 compares: `kdpo sft` and `kdpo train` command lines (config
 the sweep's driver (sweep.run_job).
 """
 import dataclasses
+import functools
 import math
 import os
 import warnings
@@ -417,17 +418,19 @@ def _check_settings(folder, cls, config, fields):
                          f"use another runs folder (KDPO_RUNS) or delete that run")
 
 
-def train_htsr_runs(runs_dir, fast, processes=2):
+def train_htsr_runs(runs_dir, fast, processes=2, in_process=None):
     """Train what `htsr_jobs` has left: the reference, then the aligned runs `processes` at a time, each a
-    `kdpo` subprocess with one thread (sweep.run_job; its output in RUNS_DIR/NAME.log). Returns the run
-    folders, reference first. A failed run raises RuntimeError naming its log, after the others finish."""
-    if not isinstance(processes, int) or processes < 1:
-        raise ValueError(f"processes must be an integer >= 1; got {processes!r}")
+    `kdpo` subprocess with one thread (sweep.run_job; its output in RUNS_DIR/NAME.log); processes=0 runs
+    them one by one in this process through `in_process` (the `kdpo` entry point, cli.main). Returns the
+    run folders, reference first. A failed run raises RuntimeError naming its log, after the others finish."""
+    if not isinstance(processes, int) or processes < 0:
+        raise ValueError(f"processes must be an integer >= 0 (0: in this process); got {processes!r}")
     jobs = htsr_jobs(runs_dir, fast)
-    results = [] if finished(jobs[0].folder) else [run_job(jobs[0], processes)]
+    run = functools.partial(run_job, processes=processes, in_process=in_process)
+    results = [] if finished(jobs[0].folder) else [run(jobs[0])]
     if not results or results[0][3] is None:
-        with ThreadPoolExecutor(processes) as pool:
-            results += list(pool.map(lambda job: run_job(job, processes), [j for j in jobs[1:] if not finished(j.folder)]))
+        with ThreadPoolExecutor(max(1, processes)) as pool:
+            results += list(pool.map(run, [j for j in jobs[1:] if not finished(j.folder)]))
     failed = [f"{job.name} ({error})" for job, _, _, error in results if error]
     if failed:
         raise RuntimeError(f"notebook 09's runs failed: {'; '.join(failed)}")

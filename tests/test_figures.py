@@ -8,14 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kdpo_lab import cli, figures, figures_math, figures_runs, package_root, spectra_runs
+from kdpo_lab import cli, figures, figures_math, figures_runs, package_root
 from kdpo_lab.figures import Context, Figure
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NOTEBOOKS = sorted((package_root() / "notebooks").glob("0*.ipynb"))
-HTSR = {"09_alpha_by_layer", "09_esd", "09_alpha_vs_gap", "09_alpha_and_gap_by_setting"}
-"""Figures of notebook 09's runs: they need spectra_runs.train_htsr_runs (made by another change)."""
 
 
 @pytest.fixture(scope="session")
@@ -28,19 +26,10 @@ def fast(tmp_path_factory):
 
 def test_every_registered_figure_draws_in_fast_mode(fast):
     ctx, failed = fast
-    expected = set() if hasattr(spectra_runs, "train_htsr_runs") else HTSR
-    assert set(failed) == expected, failed
-    for name in set(figures.REGISTRY) - expected:
+    assert not failed, failed
+    for name in figures.REGISTRY:
         png = ctx.out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name  # an image, not a blank
-
-
-def test_without_htsr_runs_notebook_09s_run_figures_fail_with_a_message_naming_the_missing_function(fast):
-    _, failed = fast
-    if hasattr(spectra_runs, "train_htsr_runs"):
-        assert not set(failed) & HTSR
-    else:
-        assert all("train_htsr_runs" in failed[name] for name in HTSR)
 
 
 def test_the_manifest_has_a_row_per_figure_with_commit_seed_and_wall_time(fast):

@@ -77,8 +77,10 @@ def test_a_folder_trained_with_other_settings_is_refused(tmp_path):
     assert spectra_runs.htsr_jobs(tmp_path, fast=True)[0].commands  # the same settings: resumed, not refused
 
 
-def test_processes_below_one_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="processes must be an integer >= 1"):
+def test_negative_processes_are_refused_and_zero_needs_the_entry_point(tmp_path):
+    with pytest.raises(ValueError, match="processes must be an integer >= 0"):
+        spectra_runs.train_htsr_runs(tmp_path, fast=True, processes=-1)
+    with pytest.raises(ValueError, match="in_process=kdpo_lab.cli.main"):
         spectra_runs.train_htsr_runs(tmp_path, fast=True, processes=0)
 
 
