@@ -6,7 +6,9 @@ DDP, FSDP or DeepSpeed). One optimisation step of `train`:
     batch  = pairs[order[step]]                 order = a seeded permutation per epoch (resumable);
                                                 each process takes every world-th pair of the global batch
     logps  = one forward of [chosen; rejected]  (2B rows, response tokens summed)
-    ref    = precomputed once (or a no-grad forward when the penalty form needs reference logits)
+    ref    = precomputed once, only for pairs some step reaches, and shared by every run of the same
+             reference through its cache (kdpo_lab.reference_cache); or a no-grad forward when the
+             penalty form needs reference logits
     e_x, e_w, e_l = pooled hidden states        (policy's own, with gradient) or a frozen encoder
     loss   = kernel_dpo_loss(...)               kdpo_lab.losses
     AdamW on the policy; the kernel's parameters (lr `kernel_lr`) have their own AdamW; warm-up + cosine.

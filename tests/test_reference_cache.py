@@ -144,3 +144,39 @@ def test_the_cache_is_off_with_the_environment_variable_and_for_a_config_model(t
     monkeypatch.setenv(reference_cache.ENV, "1")
     assert Cache.open("tiny-llama", "fp32", "cpu") is None
     assert Cache.open(tmp_path / "m", "fp32", "cpu") is not None
+
+
+WORKER = '''
+import os, sys
+from kdpo_lab import cli
+for command in " ".join(sys.argv[1:]).split(" THEN "):
+    setting, *argv = command.split()
+    os.environ["KDPO_REFERENCE_CACHE"] = setting
+    cli.main(argv)
+'''
+
+
+def test_two_processes_give_the_same_evaluations_with_and_without_the_cache(tmp_path, sft):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "worker.py").write_text(WORKER)
+    (sft / "reference_cache").mkdir(exist_ok=True)
+    for entry in (sft / "reference_cache").glob("*"):
+        entry.unlink()
+    options = ["--model", str(sft / "model"), "--d-model", "32", "--n-layers", "2", "--n-heads", "2",
+               "--vocab-size", "300", "--max-train-pairs", "96", "--max-eval-pairs", "8", "--max-length", "64",
+               "--max-prompt-length", "40", "--per-device-train-batch-size", "2", "--max-steps", "4",
+               "--eval-steps", "2", "--eval-generate", "4", "--logging-steps", "1", "--progress", "false"]
+    names = ("off", "build", "read")
+    commands = [f"{'0' if n == 'off' else '1'} train --output-dir {tmp_path / n} {' '.join(options)}" for n in names]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run([*torchrun, str(tmp_path / "worker.py"), *" THEN ".join(commands).split()], env=env,
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert any(p.name.startswith("samples") for p in (sft / "reference_cache").iterdir())
+    evals = [(tmp_path / n / "eval.jsonl").read_text() for n in names]
+    assert evals[0].count("\n") == 3 and evals[1] == evals[0] and evals[2] == evals[0]
