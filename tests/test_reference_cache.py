@@ -177,6 +177,9 @@ def test_two_processes_give_the_same_evaluations_with_and_without_the_cache(tmp_
     proc = subprocess.run([*torchrun, str(tmp_path / "worker.py"), *" THEN ".join(commands).split()], env=env,
                           cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert any(p.name.startswith("samples") for p in (sft / "reference_cache").iterdir())
+    entries = list((sft / "reference_cache").iterdir())
+    assert sum(p.name.startswith("samples") for p in entries) == 2  # one per process's share of the prompts
+    read_started = (tmp_path / "read" / "kdpo_run.json").stat().st_mtime_ns
+    assert all(p.stat().st_mtime_ns < read_started for p in entries)  # the third run only read
     evals = [(tmp_path / n / "eval.jsonl").read_text() for n in names]
-    assert evals[0].count("\n") == 3 and evals[1] == evals[0] and evals[2] == evals[0]
+    assert evals[0].count("\n") == 2 and evals[1] == evals[0] and evals[2] == evals[0]
