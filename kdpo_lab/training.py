@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 
 from kdpo_lab import batching, checkpoint, divergences, kernels, loading, models, ordering
 from kdpo_lab.held_out import DPOEvaluation, held_out_sft_loss
-from kdpo_lab.config import CONFIG_MODELS, SFTConfig, TrainConfig  # noqa: F401  (notebooks import TrainConfig from here)
+from kdpo_lab.config import SFTConfig, TrainConfig  # noqa: F401  (notebooks import TrainConfig from here)
+from kdpo_lab.config import CONFIG_MODELS
 from kdpo_lab.reference_cache import Cache, cached_embeddings
 from kdpo_lab.loading import load_splits
 from kdpo_lab.losses import kernel_dpo_loss
@@ -412,11 +413,12 @@ def train(cfg: TrainConfig, ref_model=None):
     encoder = models.SentenceEncoder() if kernel is not None and cfg.embeddings == "encoder" else None
     enc_train = encoder_embeddings(train_pairs, encoder) if encoder else None
     cache = reference_cache(cfg, accelerator, ref_given)
-    held_out = DPOEvaluation(cfg, accelerator, ref_model, tokenizer, (train_pairs, train_feats), (eval_pairs, eval_feats),
-                             cache)
+    held_out = DPOEvaluation(cfg, accelerator, ref_model, tokenizer, (train_pairs, train_feats),
+                             (eval_pairs, eval_feats), cache)
     ref_logps = None
     if not _needs_ref_logits(cfg):  # the reference never changes: its log-probs are computed once, for the pairs used
-        needed = set(used_pairs(cfg, train_feats, accelerator.num_processes)) | set(range(min(len(eval_feats), len(train_feats))))
+        needed = set(used_pairs(cfg, train_feats, accelerator.num_processes))
+        needed |= set(range(min(len(eval_feats), len(train_feats))))  # the evaluation's training pairs
         ref_logps = reference_train_logps(held_out, model, train_feats, needed, 4 * cfg.per_device_train_batch_size)
     held_out.precompute_reference(model, ref_logps)
     if kernel is not None:

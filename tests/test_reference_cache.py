@@ -1,12 +1,12 @@
 """Facts about the reference cache: runs are bit-identical with and without it, and a stale entry is never read."""
-import json
 import threading
 
 import pandas as pd
 import pytest
 import torch
+from accelerate import Accelerator
 
-from kdpo_lab import cli, evaluation, loading, models, reference_cache, runs, training
+from kdpo_lab import evaluation, loading, models, reference_cache, runs, training
 from kdpo_lab.config import SFTConfig, TrainConfig
 from kdpo_lab.reference_cache import Cache
 
@@ -64,7 +64,7 @@ def test_the_reference_log_probs_are_computed_only_for_batches_a_step_reaches(tm
     cfg = TrainConfig(output_dir=str(tmp_path / "r"), model=str(sft / "model"), max_steps=3, **BASE)
     model, tokenizer, train_pairs, train_feats, eval_pairs, eval_feats = loading.load_splits(cfg)
     ref = models.frozen_copy(model)
-    held_out = training.DPOEvaluation(cfg, __import__("accelerate").Accelerator(), ref, tokenizer,
+    held_out = training.DPOEvaluation(cfg, Accelerator(), ref, tokenizer,
                                       (train_pairs, train_feats), (eval_pairs, eval_feats))
     bs = 4 * cfg.per_device_train_batch_size
     used = training.used_pairs(cfg, train_feats, 1)
