@@ -11,6 +11,7 @@
   model when one is given (rm/*). `evaluate` lists what it could not compute under "unavailable".
 """
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
@@ -76,6 +77,65 @@ def generate(model, prompt_ids, eos_id, pad_id, max_new_tokens=32, temperature=1
     return responses
 
 
+@dataclass
+class Samples:
+    """Sampled responses (lists of token ids, eos kept) and torch's generator states right after
+    sampling: `replay` returns the responses and leaves the generators as sampling them would have
+    (`generate` reseeds the global generator with `seed`, then draws). cuda_rng_state: the state of the
+    CUDA device the model sampled on (`cuda_device`), when it did."""
+    responses: list
+    seed: int
+    rng_state: torch.Tensor
+    cuda_rng_state: torch.Tensor | None = None
+    cuda_device: int = 0
+
+    def replay(self, n):
+        """The n responses, with the generators left as drawing them left them."""
+        if len(self.responses) != n:
+            raise ValueError(f"ref_samples: {len(self.responses)} responses for {n} prompts")
+        torch.manual_seed(self.seed)  # every device, as generate does
+        torch.set_rng_state(self.rng_state)
+        if self.cuda_rng_state is not None:
+            torch.cuda.set_rng_state(self.cuda_rng_state, self.cuda_device)
+        return self.responses
+
+    def to_tensors(self):
+        """A dict of tensors (for safetensors): responses flattened with their lengths."""
+        out = {"tokens": torch.tensor([t for r in self.responses for t in r], dtype=torch.long),
+               "lengths": torch.tensor([len(r) for r in self.responses], dtype=torch.long),
+               "seed": torch.tensor([self.seed]), "rng_state": self.rng_state,
+               "cuda_device": torch.tensor([self.cuda_device])}
+        if self.cuda_rng_state is not None:
+            out["cuda_rng_state"] = self.cuda_rng_state
+        return out
+
+    @classmethod
+    def from_tensors(cls, t):
+        tokens, responses, start = t["tokens"].tolist(), [], 0
+        for n in t["lengths"].tolist():
+            responses.append(tokens[start:start + n])
+            start += n
+        return cls(responses, int(t["seed"]), t["rng_state"], t.get("cuda_rng_state"), int(t["cuda_device"]))
+
+
+def sample(model, prompt_ids, eos_id, pad_id, max_new_tokens=32, seed=0):
+    """generate(...), with the generator states it leaves behind (Samples)."""
+    responses = generate(model, prompt_ids, eos_id, pad_id, max_new_tokens, seed=seed)
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    return Samples(responses, seed, torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None,
+                   device.index or 0 if cuda else 0)
+
+
+def reference_samples(model, ref_model, tokenizer, prompt_ids, max_new_tokens=32, seed=0):
+    """The reference's Samples of prompt_ids, as `evaluate` draws them, computed aside: torch's generator
+    states are restored afterwards (torch.random.fork_rng), so computing them early changes nothing."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with models.reference_context(model, ref_model) as ref:
+            return sample(ref, prompt_ids, tokenizer.eos_token_id, tokenizer.pad_token_id, max_new_tokens, seed)
+
+
 @torch.no_grad()
 def sequence_logps_of(model, prompt_ids, response_ids, pad_id, batch_size=32):
     """log pi(y|x) summed over response tokens, for lists of prompt and response token ids."""
@@ -131,7 +191,7 @@ def win_rate(r_pi, r_ref):
 
 
 def evaluate(model, ref_model, tokenizer, pairs, feats, beta, n_generate=0, seed=0, max_new_tokens=32, ref_logps=None,
-             reward_model=None):
+             reward_model=None, ref_samples=None):
     """Metrics of a policy against its reference, on any preference data:
     - always: preference accuracy and implicit reward margins (pref/*);
     - with n_generate > 0, on sampled responses: KL(pi || pi_ref) (Monte Carlo, sequence level),
@@ -139,7 +199,9 @@ def evaluate(model, ref_model, tokenizer, pairs, feats, beta, n_generate=0, seed
       when the pairs are the suite's, a reward model's (rm/*) when `reward_model` is given
       (a RewardModel or a path / hub name).
     result["unavailable"] names each metric that could not be computed, and why.
-    ref_logps: precomputed reference (chosen, rejected) log-probs of `feats`, if any."""
+    ref_logps: precomputed reference (chosen, rejected) log-probs of `feats`, if any.
+    ref_samples: the reference's Samples of the first n_generate prompts (`reference_samples` with the
+    same seed and max_new_tokens), if already drawn; replayed, they give exactly the same result."""
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     result = preference_metrics(model, ref_model, feats, pairs, beta, pad_id, ref_logps=ref_logps)
     unavailable = {}
@@ -151,7 +213,8 @@ def evaluate(model, ref_model, tokenizer, pairs, feats, beta, n_generate=0, seed
     prompts = [f["prompt_ids"] for f in feats]
     y_pi = generate(model, prompts, eos_id, pad_id, max_new_tokens, seed=seed)
     with models.reference_context(model, ref_model) as ref:
-        y_ref = generate(ref, prompts, eos_id, pad_id, max_new_tokens, seed=seed)
+        y_ref = ref_samples.replay(len(prompts)) if ref_samples is not None else generate(ref, prompts, eos_id, pad_id,
+                                                                              max_new_tokens, seed=seed)
         ref_logp = sequence_logps_of(ref, prompts, y_pi, pad_id)
     pi_logp = sequence_logps_of(model, prompts, y_pi, pad_id)
     text_pi = tokenizer.batch_decode(y_pi, skip_special_tokens=True)

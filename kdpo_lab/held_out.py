@@ -9,6 +9,9 @@ from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 
 from kdpo_lab import batching, evaluation, models
+from kdpo_lab.reference_cache import cached_pair_logps, cached_samples
+
+NEW_TOKENS = 32  # tokens sampled per response at each evaluation during training
 
 
 def gathered(accelerator, n, batch_size, fn):
@@ -54,18 +57,23 @@ class DPOEvaluation:
     """Held-out metrics of a DPO run, computed on every process (FSDP needs the wrapped model's forward):
     preference accuracy and margins on held-out pairs and on as many training pairs (the gap), and, with
     eval_generate, sampled reward, win-rate and KL. Each process samples a contiguous share of the
-    prompts; on one process the numbers are exactly evaluation.evaluate's."""
+    prompts; on one process the numbers are exactly evaluation.evaluate's.
 
-    def __init__(self, cfg, accelerator, ref_model, tokenizer, train, held_out):
+    cache: the reference's kdpo_lab.reference_cache.Cache, or None: the reference's log-probs and
+    samples are then read from it when another run of the same reference computed them (the same numbers)."""
+
+    def __init__(self, cfg, accelerator, ref_model, tokenizer, train, held_out, cache=None):
         self.cfg, self.acc, self.ref_model, self.tokenizer = cfg, accelerator, ref_model, tokenizer
         (self.train_pairs, self.train_feats), (self.pairs, self.feats) = train, held_out
-        self.ref = {}
+        self.cache, self.ref = cache, {}
 
     def reference_logps(self, model, feats, batch_size):
         """The reference's (chosen, rejected) log-probs of feats (model: the policy, for LoRA's reference)."""
-        with models.reference_context(model, self.ref_model) as ref:
-            ref.eval()
-            return pair_logps(self.acc, ref, feats, self.tokenizer.pad_token_id, batch_size)
+        def compute():
+            with models.reference_context(model, self.ref_model) as ref:
+                ref.eval()
+                return pair_logps(self.acc, ref, feats, self.tokenizer.pad_token_id, batch_size)
+        return cached_pair_logps(self.cache, feats, batch_size, compute, self.acc)
 
     def precompute_reference(self, model, train_ref):
         """The reference never changes: its log-probs of the pairs every evaluation scores, once."""
@@ -98,14 +106,25 @@ class DPOEvaluation:
         part = []
         if hi > lo:
             pairs, ref = self.pairs[lo:hi], tuple(r[lo:hi] for r in self.ref["held_out"])
+            samples = None
+            if self.cache is not None:
+                samples = self.reference_samples(model, [f["prompt_ids"] for f in self.feats[lo:hi]], NEW_TOKENS)
             result = evaluation.evaluate(model, self.ref_model, self.tokenizer, pairs, self.feats[lo:hi],
-                                         beta=self.cfg.beta, n_generate=hi - lo, seed=self.cfg.seed, ref_logps=ref)
+                                         beta=self.cfg.beta, n_generate=hi - lo, seed=self.cfg.seed,
+                                         max_new_tokens=NEW_TOKENS, ref_logps=ref, ref_samples=samples)
             counts = {"": hi - lo}
             for p in pairs:
                 counts[p.family or "all"] = counts.get(p.family or "all", 0) + 1
             part = [({k: v for k, v in result.items() if not k.startswith("pref/")}, counts)]
         parts = self.acc.gather_for_metrics(part, use_gather_object=True) if world > 1 else part
         return combine_sampled(parts)
+
+    def reference_samples(self, model, prompts, max_new_tokens):
+        """The reference's samples of `prompts` as evaluation.evaluate draws them, through the cache."""
+        settings = {"seed": self.cfg.seed, "max_new_tokens": max_new_tokens, "batch_size": 32,
+                    "eos": self.tokenizer.eos_token_id, "pad": self.tokenizer.pad_token_id}
+        return cached_samples(self.cache, prompts, settings, lambda: evaluation.reference_samples(
+            model, self.ref_model, self.tokenizer, prompts, max_new_tokens, self.cfg.seed))
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from pathlib import Path
 from kdpo_lab import evaluation, formats, models
 from kdpo_lab.config import CONFIG_MODELS, TrainConfig, resolve
 from kdpo_lab.loading import check_model_source, encode, read_pairs
+from kdpo_lab.reference_cache import Cache, cached_pair_logps, cached_samples
 
 
 @dataclass
@@ -30,7 +31,8 @@ def evaluate_run(run, request=None, **fields):
     Pass an EvalRequest or its fields (split=..., n_generate=...).
 
     The reference is the run's starting model (`model` in its config.yaml); a LoRA run's reference is
-    its base with adapters disabled."""
+    its base with adapters disabled. A reference in a local folder keeps its log-probs and samples of
+    the split in its reference_cache/ (kdpo_lab.reference_cache), so the runs of one reference share them."""
     request = request or EvalRequest(**fields)
     run = Path(run)
     if not (run / "config.yaml").exists() or not (run / "model").exists():
@@ -53,11 +55,32 @@ def evaluate_run(run, request=None, **fields):
         cfg.max_length = min(4096, getattr(model.config, "max_position_embeddings", 4096) - 32)
     pairs, report = _pairs(cfg, request)
     feats = encode(cfg, tokenizer, pairs, report, request.split)
+    cache = Cache.open(cfg.model, cfg.dtype, next(ref_model.parameters()).device) if ref_model is not None else None
+    ref_logps, ref_samples = _reference_outputs(cache, (model, ref_model, tokenizer), feats, request, cfg.seed)
     result = evaluation.evaluate(model, ref_model, tokenizer, pairs, feats, beta=cfg.beta, n_generate=request.n_generate,
-                                 seed=cfg.seed, max_new_tokens=request.max_new_tokens, reward_model=request.reward_model)
+                                 seed=cfg.seed, max_new_tokens=request.max_new_tokens, ref_logps=ref_logps,
+                                 reward_model=request.reward_model, ref_samples=ref_samples)
     result["data"] = f"{request.data or cfg.data} ({request.split}, {len(pairs)} pairs)"
     (run / f"eval_{request.split}.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def _reference_outputs(cache, models_, feats, request, seed):
+    """(ref_logps, ref_samples) for evaluation.evaluate from the reference's cache; (None, None) without one
+    (evaluate then computes them itself, the same way)."""
+    if cache is None:
+        return None, None
+    model, ref_model, tokenizer = models_
+    pad_id = tokenizer.pad_token_id
+    ref_logps = cached_pair_logps(cache, feats, 32, lambda: evaluation.pair_logps(ref_model, feats, pad_id, 32))
+    if request.n_generate <= 0:
+        return ref_logps, None
+    prompts = [f["prompt_ids"] for f in feats[:request.n_generate]]
+    settings = {"seed": seed, "max_new_tokens": request.max_new_tokens, "batch_size": 32,
+                "eos": tokenizer.eos_token_id, "pad": pad_id}
+    samples = cached_samples(cache, prompts, settings, lambda: evaluation.reference_samples(
+        model, ref_model, tokenizer, prompts, request.max_new_tokens, seed))
+    return ref_logps, samples
 
 
 def _pairs(cfg, request):

@@ -6,7 +6,9 @@ DDP, FSDP or DeepSpeed). One optimisation step of `train`:
     batch  = pairs[order[step]]                 order = a seeded permutation per epoch (resumable);
                                                 each process takes every world-th pair of the global batch
     logps  = one forward of [chosen; rejected]  (2B rows, response tokens summed)
-    ref    = precomputed once (or a no-grad forward when the penalty form needs reference logits)
+    ref    = precomputed once, only for pairs some step reaches, and shared by every run of the same
+             reference through its cache (kdpo_lab.reference_cache); or a no-grad forward when the
+             penalty form needs reference logits
     e_x, e_w, e_l = pooled hidden states        (policy's own, with gradient) or a frozen encoder
     loss   = kernel_dpo_loss(...)               kdpo_lab.losses
     AdamW on the policy; the kernel's parameters (lr `kernel_lr`) have their own AdamW; warm-up + cosine.
@@ -41,6 +43,8 @@ from tqdm.auto import tqdm
 from kdpo_lab import batching, checkpoint, divergences, kernels, loading, models, ordering
 from kdpo_lab.held_out import DPOEvaluation, held_out_sft_loss
 from kdpo_lab.config import SFTConfig, TrainConfig  # noqa: F401  (notebooks import TrainConfig from here)
+from kdpo_lab.config import CONFIG_MODELS
+from kdpo_lab.reference_cache import Cache, cached_embeddings
 from kdpo_lab.loading import load_splits
 from kdpo_lab.losses import kernel_dpo_loss
 
@@ -344,17 +348,52 @@ class DPOTask:
 
 
 @torch.no_grad()
-def _fit_embeddings(model, ref_model, feats, pad_id, device, enc, n=256):
+def _fit_embeddings(model, ref_model, feats, pad_id, device, enc, n=256, cache=None):
     """Embeddings to fit a kernel's data-dependent defaults (bandwidth, covariance): reference, no grad."""
     if enc is not None:
         return enc[:n].reshape(-1, enc.shape[-1])
-    rows = []
-    with models.reference_context(model, ref_model) as ref:
-        for i in range(0, min(n, len(feats)), 32):
-            batch = batching.device_batch(feats, range(i, min(i + 32, len(feats))), pad_id, device)
-            out = batch_forward(ref, batch, True, False)
-            rows.extend(t.float() for t in models.pair_embeddings(out["hidden"], batch["prompt_mask"], batch["response_mask"]))
-    return torch.cat(rows)
+
+    def compute():
+        rows = []
+        with models.reference_context(model, ref_model) as ref:
+            for i in range(0, min(n, len(feats)), 32):
+                batch = batching.device_batch(feats, range(i, min(i + 32, len(feats))), pad_id, device)
+                out = batch_forward(ref, batch, True, False)
+                rows.extend(t.float() for t in models.pair_embeddings(out["hidden"], batch["prompt_mask"],
+                                                                      batch["response_mask"]))
+        return torch.cat(rows)
+    return cached_embeddings(cache, feats[:n], 32, compute).to(device)
+
+
+def used_pairs(cfg, feats, world):
+    """The training pairs some step of a run reaches (steps 0 .. max_steps-1), sorted."""
+    size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    lengths = ordering.pair_lengths(feats) if cfg.group_by_length else None
+    return sorted({i for step in range(cfg.max_steps)
+                   for i in ordering.batch_indices(len(feats), size, step, cfg.seed, lengths=lengths)})
+
+
+def reference_train_logps(held_out, model, feats, needed, batch_size):
+    """The reference's (chosen, rejected) log-probs of the training pairs, computed only for the batches
+    of `batch_size` consecutive pairs that hold a needed pair, in exactly those batches (so each number
+    equals the one computed over all pairs); the other pairs are NaN: a step reaching one would stop
+    with a non-finite loss instead of training on a wrong number."""
+    chunks = sorted({i // batch_size for i in needed})
+    sub = [f for c in chunks for f in feats[c * batch_size:(c + 1) * batch_size]]  # only the last chunk may be short
+    w, l = held_out.reference_logps(model, sub, batch_size)
+    rows = torch.cat([torch.arange(c * batch_size, min((c + 1) * batch_size, len(feats))) for c in chunks])
+    full = torch.full((2, len(feats)), float("nan"), dtype=w.dtype)
+    full[0, rows], full[1, rows] = w, l
+    return full[0], full[1]
+
+
+def reference_cache(cfg, accelerator, ref_model_given):
+    """The reference's Cache when the reference is cfg.model's folder as loaded (not a LoRA base or a
+    reference passed in), else None."""
+    if ref_model_given or cfg.lora_r or cfg.model in CONFIG_MODELS:
+        return None
+    return Cache.open(cfg.model, cfg.dtype, accelerator.device, accelerator.num_processes,
+                      gradient_checkpointing=cfg.gradient_checkpointing)
 
 
 def train(cfg: TrainConfig, ref_model=None):
@@ -362,6 +401,7 @@ def train(cfg: TrainConfig, ref_model=None):
     out, accelerator = _start(cfg)
     model, tokenizer, train_pairs, train_feats, eval_pairs, eval_feats = load_splits(cfg)
     _save_config(accelerator, cfg, out)  # again: load_splits resolved max_length "auto"
+    ref_given = ref_model is not None
     if ref_model is None and cfg.lora_r == 0:
         ref_model = models.frozen_copy(model)  # with LoRA the reference is the base, adapters disabled
     device = accelerator.device
@@ -372,13 +412,18 @@ def train(cfg: TrainConfig, ref_model=None):
     kernel = kernels.get(cfg.kernel, **cfg.kernel_params).to(device) if cfg.kernel else None
     encoder = models.SentenceEncoder() if kernel is not None and cfg.embeddings == "encoder" else None
     enc_train = encoder_embeddings(train_pairs, encoder) if encoder else None
-    held_out = DPOEvaluation(cfg, accelerator, ref_model, tokenizer, (train_pairs, train_feats), (eval_pairs, eval_feats))
+    cache = reference_cache(cfg, accelerator, ref_given)
+    held_out = DPOEvaluation(cfg, accelerator, ref_model, tokenizer, (train_pairs, train_feats),
+                             (eval_pairs, eval_feats), cache)
     ref_logps = None
-    if not _needs_ref_logits(cfg):  # the reference never changes: its log-probs are computed once
-        ref_logps = held_out.reference_logps(model, train_feats, 4 * cfg.per_device_train_batch_size)
+    if not _needs_ref_logits(cfg):  # the reference never changes: its log-probs are computed once, for the pairs used
+        needed = set(used_pairs(cfg, train_feats, accelerator.num_processes))
+        needed |= set(range(min(len(eval_feats), len(train_feats))))  # the evaluation's training pairs
+        ref_logps = reference_train_logps(held_out, model, train_feats, needed, 4 * cfg.per_device_train_batch_size)
     held_out.precompute_reference(model, ref_logps)
     if kernel is not None:
-        kernel.fit(_fit_embeddings(model, ref_model, train_feats, tokenizer.pad_token_id, device, enc_train))
+        kernel.fit(_fit_embeddings(model, ref_model, train_feats, tokenizer.pad_token_id, device, enc_train,
+                                   cache=cache))
 
     model, optimizer, scheduler, k_opt, k_sched = _optimizers(accelerator, model, cfg, kernel)
     run = Run(cfg, accelerator, out, model, tokenizer, train_feats, optimizer, scheduler, kernel, k_opt, k_sched)
