@@ -405,13 +405,14 @@ def finished(folder):
 
 def _check_settings(folder, cls, config, fields):
     """ValueError when `folder` holds a run whose config.yaml differs from `config` + `fields` (paths compared
-    resolved; output_dir, model, resume and progress may differ: a moved runs folder)."""
+    resolved; output_dir, model, resume and progress may differ: a moved runs folder; so may the data path
+    when the saved one does not exist here: runs made in another checkout, e.g. handed out by a teacher)."""
     if not (folder / "config.yaml").exists():
         return
     saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
     want = dataclasses.asdict(cls.from_yaml(resolve(config), **fields))
-    same = lambda k: (os.path.realpath(resolve(saved[k])) == os.path.realpath(resolve(want[k])) if k == "data"
-                      else saved[k] == want[k])
+    same = lambda k: (os.path.realpath(resolve(saved[k])) == os.path.realpath(resolve(want[k]))
+                      or not os.path.exists(resolve(saved[k])) if k == "data" else saved[k] == want[k])
     differ = [k for k in want if k in saved and k not in MOVABLE and not same(k)]
     if differ:
         raise ValueError(f"{folder} was trained with other settings ({', '.join(f'{k}: {saved[k]!r} != {want[k]!r}' for k in differ)}); "

@@ -77,6 +77,19 @@ def test_a_folder_trained_with_other_settings_is_refused(tmp_path):
     assert spectra_runs.htsr_jobs(tmp_path, fast=True)[0].commands  # the same settings: resumed, not refused
 
 
+def test_runs_made_in_another_checkout_are_reused_but_another_dataset_here_is_refused(tmp_path):
+    (tmp_path / "sft").mkdir()
+    path = tmp_path / "sft" / "config.yaml"
+    sft = lambda data: SFTConfig.from_yaml(package_root() / "configs" / "htsr_sft.yaml", data=str(data)).save(path)
+    sft("/elsewhere/kdpo_lab/data/suite")  # a teacher's checkout: that path does not exist here
+    assert spectra_runs.htsr_jobs(tmp_path, fast=False)[0].commands
+    other = tmp_path / "my_pairs"
+    other.mkdir()
+    sft(other)  # a dataset that exists here and is not the suite
+    with pytest.raises(ValueError, match="data:"):
+        spectra_runs.htsr_jobs(tmp_path, fast=False)
+
+
 def test_negative_processes_are_refused_and_zero_needs_the_entry_point(tmp_path):
     with pytest.raises(ValueError, match="processes must be an integer >= 0"):
         spectra_runs.train_htsr_runs(tmp_path, fast=True, processes=-1)
