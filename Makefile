@@ -2,12 +2,13 @@
 #   make quickstart   build the environment if missing, then train, evaluate and write figures
 #   make test         build the environment if missing, then run pytest and nbval over every notebook
 #   make lab          build the environment if missing, then open the course in JupyterLab at notebooks/
+#   make figures      build the environment if missing, then redraw every figure into figures/ (full size)
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: quickstart test lab env clean
+.PHONY: quickstart test lab figures env clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -24,6 +25,9 @@ quickstart: $(STAMP)
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=notebooks
+
+figures: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/kdpo figures --out figures
 
 test: $(STAMP)
 	KDPO_FAST=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
