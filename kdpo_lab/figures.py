@@ -25,7 +25,7 @@ import pandas as pd
 
 from kdpo_lab import figures_math as fm
 from kdpo_lab import figures_runs as fr
-from kdpo_lab import package_root
+from kdpo_lab import package_root, paper_claims, paper_figures, plots
 
 MODES = ("fast", "full")
 MANIFEST_COLUMNS = ["file", "figure", "source", "config", "commit", "seed", "mode", "wall_s"]
@@ -70,8 +70,53 @@ def _nb(stem):
 NB = {k: _nb(v) for k, v in {
     "01": "01_dpo_from_bradley_terry", "02": "02_kernels", "03": "03_divergences", "04": "04_hybrid_loss_and_hmk",
     "05": "05_train_a_small_model", "06": "06_select_kernel_and_divergence", "07": "07_hierarchical_mixture",
-    "08": "08_scale_to_7b", "09": "09_heavy_tailed_self_regularization"}.items()}
+    "08": "08_scale_to_7b", "09": "09_heavy_tailed_self_regularization", "10": "10_reproduce_the_paper"}.items()}
 README = "README.md"
+
+
+# ---- notebook 10: the committed result tables, in both modes (it trains nothing) ---------------------
+
+SWEEP_CONFIG = "results/sweep/table.csv, results/selection/scores.csv (configs/sweep.yaml)"
+
+
+def _final(ctx):
+    tables = paper_claims.read_tables()
+    return tables, paper_claims.final_table(tables.sweep, paper_claims.Expected.from_sweep())
+
+
+def differences_data(ctx):
+    return {"differences": paper_figures.differences_to_dpo(_final(ctx)[1])}
+
+
+def family_differences_data(ctx):
+    return {"family_differences": paper_figures.family_differences(_final(ctx)[1])}
+
+
+def selection_data(ctx):
+    tables, final = _final(ctx)
+    points, pickers, note = paper_figures.selection_scatter(final, tables.selection)
+    return {"points": points, "pickers": pickers, "_note": note}
+
+
+def differences_draw(data):
+    plots.plot_differences(data["differences"])
+    return _gcf()
+
+
+def family_differences_draw(data):
+    plots.plot_family_differences(data["family_differences"])
+    return _gcf()
+
+
+def selection_draw(data):
+    plots.plot_selection_check(data["points"], data["pickers"], data["_note"])
+    return _gcf()
+
+
+def _gcf():
+    import matplotlib.pyplot as plt
+    return plt.gcf()
+
 
 REGISTRY = {f.name: f for f in [
     Figure("01_bradley_terry_pairs", NB["01"], fm.bt_pairs_data, fm.bt_pairs_draw),
@@ -114,6 +159,9 @@ REGISTRY = {f.name: f for f in [
     Figure("09_esd", NB["09"], fr.esd_data, fr.esd_draw),
     Figure("09_alpha_vs_gap", NB["09"], fr.alpha_vs_gap_data, fr.alpha_vs_gap_draw),
     Figure("09_alpha_and_gap_by_setting", NB["09"], fr.alpha_vs_gap_data, fr.alpha_and_gap_by_setting_draw),
+    Figure("10_differences_to_dpo", NB["10"], differences_data, differences_draw, SWEEP_CONFIG),
+    Figure("10_family_differences", NB["10"], family_differences_data, family_differences_draw, SWEEP_CONFIG),
+    Figure("10_selection_check", NB["10"], selection_data, selection_draw, SWEEP_CONFIG),
     Figure("readme_training_curves", README, fr.qs_training_curves_data, fr.qs_training_curves_draw),
     Figure("readme_reward_vs_kl", README, fr.qs_reward_vs_kl_data, fr.qs_reward_vs_kl_draw),
     Figure("readme_winrate_by_family", README, fr.qs_winrate_data, fr.qs_winrate_draw),

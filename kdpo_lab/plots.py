@@ -581,3 +581,41 @@ def plot_score_vs_result(table, ax=None, marks=None, title="selection score vs a
     ax.set(xlabel="selection score (before training)", ylabel=ylabel, title=title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return ax
+
+
+def plot_differences(table, ax=None, title="every variant against plain DPO",
+                     xlabel="held-out exact reward minus plain DPO's (same seed)"):
+    """plot_intervals of a table with columns variant, mean, low, high (n_seeds shown in the title), or a
+    note saying the comparison is pending while it is empty."""
+    if not len(table):
+        return plot_note("no finished seed runs of DPO and another variant yet: pending", ax=ax, title=title)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 0.3 * len(table) + 1.2))
+    return plot_intervals(table.set_index("variant"), ax=ax, xlabel=xlabel,
+                          title=f"{title} (95% t interval, up to {int(table['n_seeds'].max())} seeds)")
+
+
+def plot_family_differences(table, axes=None):
+    """One plot_differences panel per task family: table with columns family, variant, mean, low, high, n_seeds."""
+    families = list(dict.fromkeys(table["family"]))
+    if not families:
+        return plot_note("no finished seed runs yet: pending", title="per-family differences to plain DPO")
+    if axes is None:
+        _, axes = plt.subplots(2, (len(families) + 1) // 2, figsize=(12, 5.5), squeeze=False)
+    for ax, family in zip(axes.flat, families):
+        plot_differences(table[table["family"] == family], ax=ax, title=family, xlabel="exact reward minus DPO's (same seed)")
+    return axes
+
+
+def plot_selection_check(points, pickers, note="", axes=None):
+    """Above, score vs achieved result per pair (plot_score_vs_result, the rows with a `mark` ringed);
+    below, the pickers against plain DPO (plot_differences). A note while no pair has a finished run."""
+    if not len(points):
+        return plot_note("no finished pair runs yet: pending", title="selection score vs achieved result")
+    if axes is None:
+        _, axes = plt.subplots(2, 1, figsize=(8.5, 7.5), gridspec_kw={"height_ratios": [1.6, 1]})
+    marked = points[points["mark"] != ""]
+    plot_score_vs_result(points, ax=axes[0], marks={m: (k, d) for k, d, m in zip(marked["kernel"], marked["divergence"], marked["mark"])},
+                         title=f"whole suite: {note}")
+    plot_differences(pickers, ax=axes[1], title="three pickers against plain DPO")
+    return axes

@@ -13,7 +13,7 @@ from kdpo_lab.figures import Context, Figure
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-NOTEBOOKS = sorted((package_root() / "notebooks").glob("0*.ipynb"))
+NOTEBOOKS = sorted((package_root() / "notebooks").glob("[01][0-9]_*.ipynb"))
 
 
 @pytest.fixture(scope="session")
