@@ -380,3 +380,29 @@ def check_kernel_share(fn):
     return _check("the kernel term's share", fn, cases,
                   lambda p, m, gamma: losses.kernel_metrics(p, m, gamma)["kernel/share"][0],
                   "a ratio of batch means of absolute values: mean|gamma m| / (mean|prob term| + mean|gamma m|)")
+
+
+# ---- 10: reading the sweep against the paper ------------------------------------------------------------
+
+def check_paired_interval(fn):
+    """fn(variant [S], dpo [S]) -> (mean, low, high): the paired difference variant - dpo over seeds, with
+    a 95% Student t interval (n - 1 degrees of freedom)."""
+    from kdpo_lab import sweep_stats
+    g = _gen(14)
+    cases = []
+    for n in (3, 5, 8):
+        dpo = torch.rand(n, generator=g, dtype=D) * 0.5
+        cases.append((dpo + 0.02 + 0.03 * torch.randn(n, generator=g, dtype=D), dpo))
+    return _check("the paired difference to DPO with its t interval", fn, cases,
+                  lambda a, b: sweep_stats.t_interval((a - b).numpy()),
+                  "d_s = variant_s - dpo_s per seed; mean(d) -+ t_{0.975, n-1} * std(d, ddof=1) / sqrt(n) (scipy.stats.t.ppf)")
+
+
+def check_relative_gain(fn):
+    """fn(variant [S, F], dpo [S, F]) -> the relative gain averaged over families:
+    mean_f (mean_s variant[s, f] / mean_s dpo[s, f]) - 1."""
+    g = _gen(15)
+    cases = [(torch.rand(5, 4, generator=g, dtype=D) + 0.2, torch.rand(5, 4, generator=g, dtype=D) + 0.2) for _ in range(3)]
+    return _check("the family-averaged relative gain (the paper's +9.2% metric)", fn, cases,
+                  lambda a, b: (a.mean(0) / b.mean(0) - 1).mean(),
+                  "a ratio of means over seeds in each family, minus 1, then the mean over families (not pooled rewards)")

@@ -18,6 +18,14 @@ def raises(*args):
     raise NotImplementedError("write me")
 
 
+def paired_t(a, b, z=None):
+    """Notebook 10's solution: mean of d = a - b and its 95% t interval (z: a normal quantile instead)."""
+    from scipy import stats
+    d = a - b
+    half = (z or stats.t.ppf(0.975, len(d) - 1)) * d.std(unbiased=True) / math.sqrt(len(d))
+    return d.mean(), d.mean() - half, d.mean() + half
+
+
 # (check, reference solution, typical wrong answer)
 CASES = {
     "optimal_policy": (ex.check_optimal_policy,
@@ -98,6 +106,11 @@ CASES = {
     "kernel_share": (ex.check_kernel_share,
                      lambda p, m, g: (g * m).abs().mean() / (p.abs().mean() + (g * m).abs().mean()),
                      lambda p, m, g: ((g * m).abs() / (p.abs() + (g * m).abs())).mean()),       # mean of ratios
+    "paired_interval": (ex.check_paired_interval, paired_t,
+                        lambda a, b: paired_t(a, b, z=1.96)),                                     # normal, not t
+    "relative_gain": (ex.check_relative_gain,
+                      lambda a, b: (a.mean(0) / b.mean(0) - 1).mean(),
+                      lambda a, b: a.mean() / b.mean() - 1),                                        # pooled rewards
 }
 
 
