@@ -121,7 +121,7 @@ def test_a_torn_entry_counts_as_missing_and_is_rebuilt(tmp_path):
     cache = Cache(tmp_path, {"reference": "x"})
     cache.path("e", {}).write_bytes(b"\x00\x01 not safetensors")
     calls = []
-    out = cache.get_or_compute("e", {}, lambda: calls.append(1) or {"v": torch.arange(3)})
+    cache.get_or_compute("e", {}, lambda: calls.append(1) or {"v": torch.arange(3)})
     assert calls == [1] and torch.equal(cache.load("e", {})["v"], torch.arange(3))
 
 
