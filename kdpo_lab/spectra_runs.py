@@ -327,7 +327,7 @@ def findings(summary, n_eval=None, min_evals=MIN_RELIABLE_EVALS):
         if moves.notna().any():
             lines.append(f"- The largest mean change of alpha is {moves.max():.2f} (`{runs.loc[moves.idxmax(), 'run']}`). "
                          f"Single layers are noisier than means: even at {min_evals} eigenvalues a planted alpha is "
-                         f"recovered within 0.5 in only about 95% of draws (MIN_RELIABLE_EVALS docstring), and a layer's "
+                         f"recovered within 0.5 in only 95-98% of draws, depending on the planted alpha (MIN_RELIABLE_EVALS docstring), and a layer's "
                          f"alpha can jump by several units when the fit's tail start (xmin, see n_tail) switches "
                          f"between candidates.")
     rel = gap_relation(summary)
