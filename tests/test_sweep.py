@@ -159,6 +159,12 @@ def fast_config(tmp_path, **kw):
     return SweepConfig.from_yaml("configs/sweep_fast.yaml", out=str(tmp_path / "sweep"), processes=0, **kw)
 
 
+def test_the_sweep_runs_the_headline_comparison_first_so_a_partial_sweep_answers_it():
+    names = list(sweep.variants(SweepConfig()))
+    assert names[:6] == ["dpo", "polynomial+kl", "rbf+kl", "spectral+kl", "mahalanobis+kl", "hmk"]
+    assert list(sweep.variants(SweepConfig(variants=["rbf+js", "rbf+kl"]))) == ["dpo", "rbf+kl", "rbf+js"]
+
+
 def test_variants_cover_the_28_pairs_hmk_and_the_four_baselines_with_dpo_first():
     names = list(sweep.variants(SweepConfig()))
     assert names[0] == "dpo" and len(names) == 28 + 1 + 4 and "hmk" in names and "rdpo" in names
