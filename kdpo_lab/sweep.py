@@ -253,9 +253,9 @@ def run_job(job, processes, in_process=None):
 
 
 def execute(cfg, in_process=None):
-    """Run the sweep to its end: jobs as they become runnable, `processes` at a time, the table rewritten
-    after each; a progress bar with an ETA over jobs. Returns the names of failed jobs. in_process: the
-    `kdpo` entry point for processes=0 (see run_job)."""
+    """Run the sweep to its end: jobs as they become runnable, `processes` at a time in the plan's order
+    (HEADLINE first), the table rewritten after each; a progress bar with an ETA over jobs. Returns the
+    names of failed jobs. in_process: the `kdpo` entry point for processes=0 (see run_job)."""
     started, failed = set(), []
     total, done = count_jobs(cfg)
     bar = tqdm(total=total, initial=done, desc="sweep jobs", unit="job", dynamic_ncols=True)
@@ -263,8 +263,8 @@ def execute(cfg, in_process=None):
         running = set()
         while True:
             jobs, _, _ = plan(cfg)
-            for job in jobs:
-                if job.name not in started and (cfg.processes or not running):
+            for job in jobs:  # at most `processes` at once, re-planned after each: the plan's order is the priority
+                if job.name not in started and len(running) < max(1, cfg.processes):
                     started.add(job.name)
                     running.add(pool.submit(run_job, job, cfg.processes, in_process))
             if not running:
