@@ -7,7 +7,6 @@ two questions in words, with their caveats, from its summary. `htsr_jobs` and `t
 the runs notebook 09 compares: `kdpo sft` and `kdpo train` command lines (configs/htsr_*.yaml) run by
 the sweep's driver (sweep.run_job).
 """
-import dataclasses
 import functools
 import math
 import os
@@ -17,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from kdpo_lab import plots
-from kdpo_lab.config import SFTConfig, TrainConfig, resolve
+from kdpo_lab.config import SFTConfig, TrainConfig
 from kdpo_lab.loading import read_pairs
-from kdpo_lab.sweep import MOVABLE, Job, argv, run_job
+from kdpo_lab.sweep import Job, argv, check_same, run_job
 from kdpo_lab.spectra import (esd_data, _TABLE_COLUMNS, MIN_RELIABLE_EVALS, SmallMatrixWarning, _blas_threads, compare,
                               layer_table, summarize, gap_relation)
 
@@ -393,7 +391,7 @@ def htsr_jobs(runs_dir, fast):
     for name, cls, config, fields in specs:
         fields = {**fields, "resume": True, "progress": False}
         folder = Path(fields["output_dir"])
-        _check_settings(folder, cls, config, fields)
+        check_same(folder, cls, config, fields, advice="use another runs folder (KDPO_RUNS) or delete that run")
         jobs.append(Job(name, folder, [argv("sft" if cls is SFTConfig else "train", config, fields)]))
     return jobs
 
@@ -401,22 +399,6 @@ def htsr_jobs(runs_dir, fast):
 def finished(folder):
     """True when a run folder holds its final model (training writes model/ once, at the end)."""
     return (Path(folder) / "model" / "config.json").exists()
-
-
-def _check_settings(folder, cls, config, fields):
-    """ValueError when `folder` holds a run whose config.yaml differs from `config` + `fields` (paths compared
-    resolved; output_dir, model, resume and progress may differ: a moved runs folder; so may the data path
-    when the saved one does not exist here: runs made in another checkout, e.g. handed out by a teacher)."""
-    if not (folder / "config.yaml").exists():
-        return
-    saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    want = dataclasses.asdict(cls.from_yaml(resolve(config), **fields))
-    same = lambda k: (os.path.realpath(resolve(saved[k])) == os.path.realpath(resolve(want[k]))
-                      or not os.path.exists(resolve(saved[k])) if k == "data" else saved[k] == want[k])
-    differ = [k for k in want if k in saved and k not in MOVABLE and not same(k)]
-    if differ:
-        raise ValueError(f"{folder} was trained with other settings ({', '.join(f'{k}: {saved[k]!r} != {want[k]!r}' for k in differ)}); "
-                         f"use another runs folder (KDPO_RUNS) or delete that run")
 
 
 def train_htsr_runs(runs_dir, fast, processes=2, in_process=None):

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from kdpo_lab import divergences, kernels, sweep_stats
 from kdpo_lab.sweep_table import collect, write_table
-from kdpo_lab.config import SFTConfig, TrainConfig
+from kdpo_lab.config import SFTConfig, TrainConfig, resolve
 
 
 @dataclass
@@ -151,16 +151,24 @@ MOVABLE = ("output_dir", "model", "resume", "progress")
 """Fields a run folder may differ in from its command: paths inside a sweep folder that was moved."""
 
 
-def _check_same(folder, cls, config_path, fields):
-    """A folder made with other settings is not this run: ValueError rather than mixing results."""
+def check_same(folder, cls, config_path, fields, advice="use a new sweep `out` folder or delete that run"):
+    """A folder made with other settings is not this run: ValueError rather than mixing results. Fields in
+    MOVABLE may differ (a moved folder); the data path is compared resolved, and a saved one that does not
+    exist here is accepted (runs made in another checkout, e.g. handed out by a teacher)."""
     if not (folder / "config.yaml").exists():
         return
     saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    want = dataclasses.asdict(cls.from_yaml(config_path, **fields))
-    differ = [k for k in want if k in saved and k not in MOVABLE and saved[k] != want[k]]
+    want = dataclasses.asdict(cls.from_yaml(resolve(config_path), **fields))
+
+    def same(k):
+        if k != "data":
+            return saved[k] == want[k]
+        here = resolve(saved[k])
+        return not os.path.exists(here) or os.path.realpath(here) == os.path.realpath(resolve(want[k]))
+    differ = [k for k in want if k in saved and k not in MOVABLE and not same(k)]
     if differ:
         raise ValueError(f"{folder} was run with other settings ({', '.join(f'{k}: {saved[k]!r} != {want[k]!r}' for k in differ)}); "
-                         f"use a new sweep `out` folder or delete that run")
+                         f"{advice}")
 
 
 def reference_seed(cfg, seed):
@@ -176,7 +184,7 @@ def sft_job(cfg, seed):
     seed = reference_seed(cfg, seed)
     folder = reference_folder(cfg, seed)
     fields = {**cfg.sft, "data": cfg.data, "output_dir": str(folder), "seed": seed, "progress": False}
-    _check_same(folder, SFTConfig, cfg.sft_config, fields)
+    check_same(folder, SFTConfig, cfg.sft_config, fields)
     return Job(f"sft/s{seed}", folder, [] if (folder / "model").exists() else [argv("sft", cfg.sft_config, fields)])
 
 
@@ -185,7 +193,7 @@ def train_job(cfg, variant, lr, seed, test):
     folder = Path(cfg.out) / "runs" / variant / f"lr{lr:g}_s{seed}"
     fields = {**cfg.train, **variants(cfg)[variant], "data": cfg.data, "model": str(reference_folder(cfg, seed) / "model"),
               "output_dir": str(folder), "learning_rate": lr, "seed": seed, "resume": True, "progress": False}
-    _check_same(folder, TrainConfig, cfg.train_config, fields)
+    check_same(folder, TrainConfig, cfg.train_config, fields)
     commands = [] if (folder / "model").exists() else [argv("train", cfg.train_config, fields)]
     if test and not (folder / "eval_test.json").exists():
         commands.append(["eval", str(folder), "--split", "test", "--n-generate", str(cfg.test_generate)])
