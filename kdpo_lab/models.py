@@ -435,7 +435,8 @@ def sequence_logps(model, input_ids, attention_mask, response_mask, return_hidde
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                     use_cache=False, logits_to_keep=1)
         h = out.hidden_states[-1][:, :-1][mask]                     # [M, H], M response tokens
-        head = model.get_output_embeddings()(h)                       # [M, V]
+        head_layer = model.get_output_embeddings()  # in its weights' dtype: accelerate's mixed precision
+        head = head_layer(h.to(head_layer.weight.dtype))  # [M, V]; hands back a bf16 model's h in fp32
         picked = head.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1).float()
         token_logps = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(
             mask, picked - torch.logsumexp(head.float(), dim=-1))

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -115,6 +116,11 @@ def _start(cfg):
     """Accelerator, output folder and seeds: the first lines of every run. The output folder is
     checked (format, resume) on every process before the main process touches it."""
     out = Path(cfg.output_dir)
+    # An Accelerator made earlier in this process (TRL's DPOTrainer makes one with bf16 mixed precision on
+    # CPU) leaves its AcceleratorState behind, and a new Accelerator inherits it silently: autocast and fp32
+    # outputs in a run that asked for neither. Start from what this process was launched with, as
+    # transformers' Trainer does before making its own; the process group (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               log_with=trackers(cfg), project_dir=str(out))
     checkpoint.check_folder(out, cfg.resume)

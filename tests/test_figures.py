@@ -151,6 +151,11 @@ def test_the_readmes_four_quickstart_figures_are_registered():
         assert png in readme and f"readme_{png.removesuffix('.png')}" in figures.REGISTRY
 
 
+def test_the_readme_counts_the_figures_the_registry_holds():
+    counts = {int(n) for n in re.findall(r"the (\d+) figures", (package_root() / "README.md").read_text())}
+    assert counts == {len(figures.REGISTRY)}, f"README says {sorted(counts)} figures; the registry holds {len(figures.REGISTRY)}"
+
+
 def test_plots_called_follows_helpers():
     # the coverage test's own tool: a draw that calls a helper is credited with the helper's plots
     assert "plot_grouped_bars" in plots_called(figures_math.kernel_accuracy_draw)

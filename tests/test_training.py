@@ -263,3 +263,19 @@ def test_the_model_is_written_before_the_final_evaluation(tmp_path, monkeypatch)
         training.train(tiny(tmp_path, "saved", max_steps=2, kernel="rbf", gamma=0.5))
     assert (tmp_path / "saved" / "model" / "model.safetensors").exists()
     assert (tmp_path / "saved" / "kernel.safetensors").exists() and (tmp_path / "saved" / "kernel.json").exists()
+
+
+def test_mixed_precision_left_behind_by_another_trainer_in_this_process_does_not_leak_into_a_run(tmp_path):
+    # TRL's DPOTrainer on CPU leaves accelerate's shared state at bf16 mixed precision; a later run in the same
+    # process (a notebook using both) must train exactly as in a fresh process, not under autocast.
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    recipe = dict(model="llama-7b-shape", model_scale=1 / 32, dtype="bf16", lora_r=4, max_steps=2, kernel="rbf", gamma=0.5)
+    fresh = metric_rows(training.train(tiny(tmp_path, "fresh", **recipe)))
+    AcceleratorState._reset_state()
+    Accelerator(mixed_precision="bf16", cpu=True)
+    try:
+        after = metric_rows(training.train(tiny(tmp_path, "after", **recipe)))
+    finally:
+        AcceleratorState._reset_state()
+    pd.testing.assert_frame_equal(after, fresh)
