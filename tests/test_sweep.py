@@ -277,3 +277,33 @@ def test_every_subprocess_gets_one_thread(tmp_path, monkeypatch):
     assert sweep.run_job(job, processes=2)[2:] == (3.0, None)
     assert [a[3:] for a, _ in seen] == [["train", "a.yaml"], ["eval", "x"]]
     assert all(env["OMP_NUM_THREADS"] == "1" and env["MKL_NUM_THREADS"] == "1" for _, env in seen)
+
+
+def test_jobs_start_in_the_plans_order_and_never_more_than_processes_at_once(tmp_path, monkeypatch):
+    # the plan puts the headline comparison first, and a job that becomes runnable later (a seed run once its
+    # learning rate is chosen) may outrank jobs already waiting: the driver re-plans before each start
+    import threading
+    import time as clock
+    names = [f"job{i}" for i in range(7)]
+    finished, started, running, peak, lock = set(), [], [0], [0], threading.Lock()
+
+    def plan(cfg):
+        order = (["urgent"] if finished else []) + names
+        return [sweep.Job(n, tmp_path / n, [["x"]]) for n in order if n not in finished and n not in started], 0, {}
+
+    def run_job(job, processes, in_process=None):
+        with lock:
+            started.append(job.name)
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        clock.sleep(0.02)
+        with lock:
+            running[0] -= 1
+            finished.add(job.name)
+        return job, 0.02, 0.0, None
+    monkeypatch.setattr(sweep, "plan", plan)
+    monkeypatch.setattr(sweep, "run_job", run_job)
+    monkeypatch.setattr(sweep, "count_jobs", lambda cfg: (len(names) + 1, 0))
+    monkeypatch.setattr(sweep, "write_table", lambda out, table: None)
+    assert sweep.execute(SweepConfig(out=str(tmp_path), processes=2)) == []
+    assert started == ["job0", "job1", "urgent", *names[2:]] and peak[0] == 2
