@@ -63,39 +63,52 @@ class Expected:
     variants: tuple = ()
     learning_rates: tuple = ()
     lr_seed: int = 0
+    extend_grid: int = 0
 
     @classmethod
     def from_sweep(cls, path=None):
         cfg = sweep.SweepConfig.from_yaml(path or package_root() / "configs" / "sweep.yaml")
-        return cls(tuple(cfg.seeds), tuple(sweep.variants(cfg)), tuple(cfg.learning_rates), cfg.lr_seed)
+        return cls(tuple(cfg.seeds), tuple(sweep.variants(cfg)), tuple(cfg.learning_rates), cfg.lr_seed, cfg.extend_grid)
+
+
+def _lr_rows(table, expected):
+    """The learning-rate runs' validation rows at the last step any run reached (a run there has finished)."""
+    rows = table[(table["split"] == "validation") & (table["seed"] == expected.lr_seed)] if len(table) and "split" in table else table.iloc[0:0]
+    return rows, (rows[rows["step"] == rows["step"].max()] if len(rows) else rows)
+
+
+def _grids(table, expected):
+    """{variant: (its learning-rate grid, complete)}: sweep_stats.learning_rate_grid on the finished runs."""
+    rows, last = _lr_rows(table, expected)
+    return {v: sweep_stats.learning_rate_grid(last, v, expected.learning_rates, expected.extend_grid, seed=expected.lr_seed, metric=METRIC)
+            for v in expected.variants}
 
 
 def sweep_progress(table, expected):
     """The sweep's two phases, runs finished of runs planned: the learning-rate runs (on lr_seed, finished =
     evaluated on the validation split at the last step any run reached) and the seed runs (test evaluation)."""
-    rows = table[table["split"] == "validation"] if len(table) and "split" in table else table.iloc[0:0]
-    grid = rows[(rows["seed"] == expected.lr_seed) & rows["learning_rate"].isin(expected.learning_rates)] if len(rows) else rows
-    finished = grid[grid["step"] == grid["step"].max()] if len(grid) else grid
-    n_lr = len(finished.groupby(["variant", "learning_rate"])) if len(finished) else 0
+    _, last = _lr_rows(table, expected)
+    grids = _grids(table, expected) if len(last) else {v: (expected.learning_rates, False) for v in expected.variants}
+    n_lr = sum(((last["variant"] == v) & last["learning_rate"].isin(grid)).sum() for v, (grid, _) in grids.items()) if len(last) else 0
     n_seed = len(final_table(table, expected))
     return pd.DataFrame([
-        {"phase": f"learning rates (seed {expected.lr_seed}, validation split)", "runs_done": n_lr,
-         "runs_planned": len(expected.variants) * len(expected.learning_rates)},
+        {"phase": f"learning rates (seed {expected.lr_seed}, validation split)", "runs_done": int(n_lr),
+         "runs_planned": sum(len(grid) for grid, _ in grids.values())},
         {"phase": f"seeds {', '.join(map(str, expected.seeds))} (test split)", "runs_done": n_seed,
          "runs_planned": len(expected.variants) * len(expected.seeds)}])
 
 
 def chosen_rates(table, expected):
     """The learning rate chosen so far for each variant whose whole grid has finished on lr_seed
-    (sweep_stats.choose_learning_rates: best held-out exact reward on the validation split)."""
+    (sweep_stats.choose_learning_rates: best held-out exact reward on the validation split; the grid
+    widened past an edge where the best lies, sweep_stats.learning_rate_grid)."""
     none = pd.DataFrame({"variant": pd.Series(dtype=str), "learning_rate": pd.Series(dtype=float),
                          METRIC: pd.Series(dtype=float), "chosen": pd.Series(dtype=bool)})
-    rows = table[(table["split"] == "validation") & (table["seed"] == expected.lr_seed)] if len(table) and "split" in table else table.iloc[0:0]
+    rows, last = _lr_rows(table, expected)
     if not len(rows):
         return none
-    last = rows[rows["step"] == rows["step"].max()]
-    complete = [v for v, r in last.groupby("variant") if set(expected.learning_rates) <= set(r["learning_rate"])]
-    grid = rows[rows["variant"].isin(complete) & rows["learning_rate"].isin(expected.learning_rates)]
+    grid = pd.concat([rows[(rows["variant"] == v) & rows["learning_rate"].isin(g)] for v, (g, done) in _grids(table, expected).items() if done]
+                     or [rows.iloc[0:0]])
     if not len(grid):
         return none
     return sweep_stats.choose_learning_rates(grid, expected.lr_seed, METRIC)
@@ -132,12 +145,16 @@ def read_tables(root=None):
 
 
 def final_table(table, expected):
-    """One row per finished run (its test evaluation) on the comparison's seeds. Only the seed phase is
-    evaluated on the test split, at each variant's chosen learning rate, so these are the paired runs."""
+    """One row per finished run (its test evaluation) on the comparison's seeds, at its variant's chosen
+    learning rate (a variant with no learning-rate runs in the table keeps all its rows): the paired runs."""
     if not len(table) or "split" not in table or not (table["split"] == "test").any():
         return pd.DataFrame(columns=[*sweep_table.ID, "split", "step", METRIC])
     final = sweep_stats.final_rows(table, "test")
-    return final[final["seed"].isin(list(expected.seeds))].reset_index(drop=True)
+    rates = chosen_rates(table, expected)  # a grid widened later leaves test runs at a rate no longer chosen
+    chosen = dict(zip(rates.loc[rates["chosen"], "variant"], rates.loc[rates["chosen"], "learning_rate"]))
+    tuned = set(_lr_rows(table, expected)[0]["variant"])
+    keep = [v not in tuned or chosen.get(v) == lr for v, lr in zip(final["variant"], final["learning_rate"])]
+    return final[final["seed"].isin(list(expected.seeds)) & pd.Series(keep, index=final.index, dtype=bool)].reset_index(drop=True)
 
 
 def progress(final, variants, expected):

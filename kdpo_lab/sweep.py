@@ -55,6 +55,7 @@ class SweepConfig:
     train: dict = field(default_factory=dict)  # TrainConfig fields over train_config, for every run
     variants: list = field(default_factory=lambda: ["all"])  # names, or groups: all, pairs, baselines
     learning_rates: list = field(default_factory=lambda: [2.5e-5, 5e-5, 1e-4])
+    extend_grid: int = 0                      # widen a variant's grid by x2 past an edge where its best lies, this many times
     lr_seed: int = 0
     seeds: list = field(default_factory=lambda: [1, 2, 3, 4, 5])
     select_by: str = "reward/policy"          # validation metric that picks the learning rate
@@ -200,6 +201,14 @@ def train_job(cfg, variant, lr, seed, test):
     return Job(f"{variant}/lr{lr:g}_s{seed}" + ("/test" if test else ""), folder, commands)
 
 
+def lr_grid(cfg, table, variant):
+    """(a variant's learning rates, whether all have finished): cfg.learning_rates, widened past an edge
+    where the best validation result lies at most cfg.extend_grid times (sweep_stats.learning_rate_grid)."""
+    def finished(lr):
+        return not train_job(cfg, variant, lr, cfg.lr_seed, test=False).commands
+    return sweep_stats.learning_rate_grid(table, variant, cfg.learning_rates, cfg.extend_grid, finished, cfg.lr_seed, cfg.select_by)
+
+
 def plan(cfg, table=None):
     """(jobs runnable now and not done, number of jobs still waiting on others, chosen learning rates)."""
     table = collect(cfg.out) if table is None else table
@@ -208,16 +217,16 @@ def plan(cfg, table=None):
     ready = [j for j in {j.name: j for j in refs.values()}.values() if j.commands]
     waiting, chosen = 0, {}
     for variant in variants(cfg):
-        lr_jobs = [train_job(cfg, variant, lr, cfg.lr_seed, test=False) for lr in cfg.learning_rates]
         if refs[cfg.lr_seed].commands:
-            waiting += len(lr_jobs) + len(cfg.seeds)
+            waiting += len(cfg.learning_rates) + len(cfg.seeds)
             continue
-        ready += [j for j in lr_jobs if j.commands]
-        if any(j.commands for j in lr_jobs):
+        grid, complete = lr_grid(cfg, table, variant)
+        if not complete:
+            ready += [j for j in (train_job(cfg, variant, lr, cfg.lr_seed, test=False) for lr in grid) if j.commands]
             waiting += len(cfg.seeds)
             continue
-        grid = table[(table["variant"] == variant) & table["learning_rate"].isin(cfg.learning_rates)]
-        rates = sweep_stats.choose_learning_rates(grid, cfg.lr_seed, cfg.select_by)
+        rows = table[(table["variant"] == variant) & table["learning_rate"].isin(grid)]
+        rates = sweep_stats.choose_learning_rates(rows, cfg.lr_seed, cfg.select_by)
         chosen[variant] = float(rates.loc[rates["chosen"], "learning_rate"].iloc[0])
         for seed in cfg.seeds:
             if refs[seed].commands:
@@ -277,6 +286,7 @@ def execute(cfg, in_process=None):
                     running.add(pool.submit(run_job, job, cfg.processes, in_process))
             if not running:
                 break
+            bar.total = count_jobs(cfg)[0]  # a widened learning-rate grid adds jobs
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 job, seconds, cpu, error = future.result()
@@ -303,10 +313,12 @@ def count_jobs(cfg):
     out, seeds = Path(cfg.out), sorted({cfg.lr_seed, *cfg.seeds})
     refs = {reference_folder(cfg, s) for s in seeds}
     names = list(variants(cfg))
-    total = len(refs) + len(names) * (len(cfg.learning_rates) + len(cfg.seeds))
-    done = sum((r / "model").exists() for r in refs)
-    for v in names:
-        done += sum((out / "runs" / v / f"lr{lr:g}_s{cfg.lr_seed}" / "model").exists() for lr in cfg.learning_rates)
+    total, done = len(refs) + len(names) * (len(cfg.learning_rates) + len(cfg.seeds)), sum((r / "model").exists() for r in refs)
+    for v in names:  # a grid widened past an edge (extend_grid) counts the runs started beyond it
+        base = {f"lr{lr:g}_s{cfg.lr_seed}" for lr in cfg.learning_rates}
+        wider = [f.name for f in out.glob(f"runs/{v}/lr*_s{cfg.lr_seed}") if f.is_dir() and f.name not in base]
+        total += len(wider)
+        done += sum((out / "runs" / v / name / "model").exists() for name in [*base, *wider])
         done += sum(any(out.glob(f"runs/{v}/lr*_s{s}/eval_test.json")) for s in cfg.seeds)
     return total, done
 
@@ -321,7 +333,7 @@ def summarise(cfg, table):
     _, _, chosen = plan(cfg, table)
     if not chosen:
         return {}
-    grid = table[table["variant"].isin(list(chosen)) & table["learning_rate"].isin(cfg.learning_rates)]
+    grid = pd.concat([table[(table["variant"] == v) & table["learning_rate"].isin(lr_grid(cfg, table, v)[0])] for v in chosen])
     rates = sweep_stats.choose_learning_rates(grid, cfg.lr_seed, cfg.select_by)
     runs = sweep_stats.final_runs(table, chosen, cfg.seeds)
     final = sweep_stats.final_rows(runs, "test")

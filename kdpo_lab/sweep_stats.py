@@ -70,6 +70,25 @@ def choose_learning_rates(table, seed=0, metric="reward/policy"):
     return rows
 
 
+def learning_rate_grid(table, variant, rates, extend=0, finished=None, seed=0, metric="reward/policy"):
+    """A variant's learning-rate grid: `rates`, widened by a factor of 2 past the edge where its best
+    validation result lies, at most `extend` times. A best rate at the grid's edge does not bracket the
+    optimum, and a variant held there would be compared at a rate the grid chose for it, not at its best.
+    finished(lr): whether the variant's run at lr has finished (default: it has a row in `table`).
+    Returns (grid, complete): complete once every rate of the grid has finished and no widening is due."""
+    finished = finished or (lambda lr: bool(((table["variant"] == variant) & (table["learning_rate"] == lr)).any()))
+    grid = sorted(rates)
+    for widened in range(extend + 1):
+        if not all(finished(lr) for lr in grid):
+            return grid, False
+        rows = choose_learning_rates(table[(table["variant"] == variant) & table["learning_rate"].isin(grid)], seed, metric)
+        best = rows.loc[rows["chosen"], "learning_rate"].iloc[0]
+        if widened == extend or grid[0] < best < grid[-1]:
+            return grid, True
+        grid = [grid[0] / 2, *grid] if best == grid[0] else [*grid, grid[-1] * 2]
+    return grid, True
+
+
 def final_runs(table, chosen, seeds):
     """Rows of the runs the comparison uses: each variant at its chosen learning rate, on `seeds`."""
     keep = [chosen.get(v) == lr for v, lr in zip(table["variant"], table["learning_rate"])]

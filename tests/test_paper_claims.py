@@ -191,6 +191,20 @@ def test_progress_counts_learning_rate_runs_finished_on_the_lr_seed_and_seed_run
     assert list(rates.loc[rates["chosen"], "variant"]) == ["dpo"] and rates.loc[rates["chosen"], "learning_rate"].item() == 5e-5
 
 
+def test_a_grid_widened_past_its_edge_chooses_from_the_wider_grid_and_drops_test_runs_at_the_old_rate():
+    expected = P.Expected(seeds=(1,), variants=("dpo",), learning_rates=(5e-5, 1e-4), lr_seed=0, extend_grid=1)
+    val = lambda lr, r: {"variant": "dpo", "learning_rate": lr, "seed": 0, "split": "validation", "step": 150, "reward/policy": r}
+    old = {**run_row("dpo", 1, dpo_reward(1)), "learning_rate": 5e-5}  # ran while 5e-5, the low edge, was best
+    table = pd.DataFrame([val(5e-5, 0.5), val(1e-4, 0.4), old])
+    assert P.sweep_progress(table, expected)["runs_planned"].iloc[0] == 3  # 2.5e-5 is due
+    assert not len(P.chosen_rates(table, expected)) and not len(P.final_table(table, expected))
+    new = {**run_row("dpo", 1, dpo_reward(1)), "learning_rate": 2.5e-5}
+    table = pd.concat([table, pd.DataFrame([val(2.5e-5, 0.6), new])])
+    rates = P.chosen_rates(table, expected)
+    assert rates.loc[rates["chosen"], "learning_rate"].item() == 2.5e-5
+    assert list(P.final_table(table, expected)["learning_rate"]) == [2.5e-5]
+
+
 def test_costs_from_jobs_reads_the_seed_runs_cpu_seconds_and_skips_references_grid_runs_and_failures():
     jobs = pd.DataFrame([{"job": "sft/s1", "cpu_s": 150.0, "error": None},
                          {"job": "hmk/lr5e-05_s0", "cpu_s": 90.0, "error": None},

@@ -205,11 +205,13 @@ def test_the_fast_sweep_runs_every_variant_on_every_seed_and_evaluates_on_test(f
     test = table[table["split"] == "test"]
     assert set(test["variant"]) == {"dpo", "ipo", "rbf+kl", "polynomial+js"}
     assert sorted(test.groupby("variant")["seed"].apply(sorted).iloc[0]) == [0, 1]
-    assert set(table["learning_rate"][table["seed"] == 0]) == {1e-4, 1e-3}
+    grids = table[table["seed"] == 0].groupby("variant")["learning_rate"].apply(lambda r: sorted(set(r)))
+    # two rates: the best is always an edge, so each grid gained one rate a factor 2 beyond it (extend_grid: 1)
+    assert all(g in ([5e-5, 1e-4, 1e-3], [1e-4, 1e-3, 2e-3]) for g in grids)
     assert set(table[table["split"] == "validation"]["step"]) == {2, 4}
     assert (table["time/step_s"] > 0).all()  # every row carries its run's cost
     total, done = sweep.count_jobs(fast_sweep)
-    assert len(pd.read_json(f"{fast_sweep.out}/jobs.jsonl", lines=True)) == total == done == 2 + 4 * (2 + 2)
+    assert len(pd.read_json(f"{fast_sweep.out}/jobs.jsonl", lines=True)) == total == done == 2 + 4 * (3 + 2)
 
 
 def test_a_finished_sweep_plans_nothing_and_writes_its_summary(fast_sweep):
@@ -250,7 +252,7 @@ def test_the_table_is_the_same_however_the_runs_were_run(fast_sweep, tmp_path):
 
 def test_the_full_sweep_config_follows_the_protocol():
     cfg = SweepConfig.from_yaml("configs/sweep.yaml")
-    assert len(sweep.variants(cfg)) == 33 and len(cfg.learning_rates) == 3
+    assert len(sweep.variants(cfg)) == 33 and len(cfg.learning_rates) == 3 and cfg.extend_grid == 1  # an edge best is bracketed
     assert len(cfg.seeds) >= 5 and cfg.lr_seed not in cfg.seeds  # the rate's validation luck stays out
     assert cfg.test_generate == 1000  # kdpo eval reads at least n_generate test pairs (runs._pairs)
     assert sweep.count_jobs(SweepConfig.from_yaml("configs/sweep.yaml", out="/nonexistent"))[0] == 6 + 33 * 8
@@ -307,3 +309,27 @@ def test_jobs_start_in_the_plans_order_and_never_more_than_processes_at_once(tmp
     monkeypatch.setattr(sweep, "write_table", lambda out, table: None)
     assert sweep.execute(SweepConfig(out=str(tmp_path), processes=2)) == []
     assert started == ["job0", "job1", "urgent", *names[2:]] and peak[0] == 2
+
+
+def lr_runs(rewards, variant="v", seed=0):
+    """Validation rows of one variant's learning-rate runs: {lr: final reward}."""
+    return pd.DataFrame([{"variant": variant, "learning_rate": lr, "seed": seed, "split": "validation", "step": 150,
+                          "reward/policy": r} for lr, r in rewards.items()])
+
+
+@pytest.mark.parametrize("rewards, grid", [
+    ({1e-4: 0.1, 2e-4: 0.3, 4e-4: 0.2}, [1e-4, 2e-4, 4e-4]),                 # best inside: the grid stands
+    ({1e-4: 0.3, 2e-4: 0.2, 4e-4: 0.1}, [5e-5, 1e-4, 2e-4, 4e-4]),           # best at the low edge: one rate below
+    ({1e-4: 0.1, 2e-4: 0.2, 4e-4: 0.3}, [1e-4, 2e-4, 4e-4, 8e-4]),           # best at the high edge: one above
+])
+def test_a_grid_whose_best_rate_is_at_an_edge_is_widened_by_a_factor_of_two_on_that_side(rewards, grid):
+    assert sweep_stats.learning_rate_grid(lr_runs(rewards), "v", [1e-4, 2e-4, 4e-4], extend=1) == (grid, grid == [1e-4, 2e-4, 4e-4])
+    widened = {**rewards, **{lr: 0.0 for lr in grid if lr not in rewards}}  # the new rate ran, and lost
+    assert sweep_stats.learning_rate_grid(lr_runs(widened), "v", [1e-4, 2e-4, 4e-4], extend=1) == (grid, True)
+
+
+def test_a_grid_is_widened_at_most_extend_times_and_not_at_all_by_default():
+    falling = {1e-4: 0.3, 2e-4: 0.2, 4e-4: 0.1, 5e-5: 0.4}  # the best keeps moving down
+    assert sweep_stats.learning_rate_grid(lr_runs(falling), "v", [1e-4, 2e-4, 4e-4]) == ([1e-4, 2e-4, 4e-4], True)
+    assert sweep_stats.learning_rate_grid(lr_runs(falling), "v", [1e-4, 2e-4, 4e-4], extend=1) == ([5e-5, 1e-4, 2e-4, 4e-4], True)
+    assert sweep_stats.learning_rate_grid(lr_runs(falling), "v", [1e-4, 2e-4, 4e-4], extend=2) == ([2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4], False)
