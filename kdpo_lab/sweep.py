@@ -59,6 +59,7 @@ class SweepConfig:
     lr_seed: int = 0
     seeds: list = field(default_factory=lambda: [1, 2, 3, 4, 5])
     select_by: str = "reward/policy"          # validation metric that picks the learning rate
+    select_generate: int = 0                  # >0: the learning-rate runs' last checkpoint scored on this many validation prompts
     test_generate: int = 1000                 # test prompts sampled by the final `kdpo eval`
     shared_reference: bool = False            # one SFT (of lr_seed) for every seed
     gamma: float = 0.5                        # kernel weight of the hybrid losses and HMK
@@ -198,6 +199,8 @@ def train_job(cfg, variant, lr, seed, test):
     commands = [] if (folder / "model").exists() else [argv("train", cfg.train_config, fields)]
     if test and not (folder / "eval_test.json").exists():
         commands.append(["eval", str(folder), "--split", "test", "--n-generate", str(cfg.test_generate)])
+    if not test and cfg.select_generate and not (folder / "eval_validation.json").exists():  # the rate is chosen on this
+        commands.append(["eval", str(folder), "--split", "validation", "--n-generate", str(cfg.select_generate)])
     return Job(f"{variant}/lr{lr:g}_s{seed}" + ("/test" if test else ""), folder, commands)
 
 

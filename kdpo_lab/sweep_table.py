@@ -3,7 +3,8 @@ a Slurm array of its `--list`, by hand): one row per evaluation of a run.
 
 A run folder OUT/runs/VARIANT/lrRATE_sSEED holds config.yaml, eval.jsonl (the validation evaluations
 during training, one per line) and, once `kdpo eval RUN --split test` ran, eval_test.json. Each
-becomes a row: identity (variant, kernel, divergence, loss_type, learning_rate, seed, run), split
+becomes a row. A learning-rate run scored again on more validation prompts (eval_validation.json, the
+sweep's `select_generate`) has that evaluation as its last step's validation row instead. A row: identity (variant, kernel, divergence, loss_type, learning_rate, seed, run), split
 ("validation" or "test"), step, the metrics of `evaluation.evaluate`, and the run's cost (median
 time/step_s, peak memory/peak_mb of its training).
 """
@@ -28,9 +29,10 @@ def read_run(folder, variant):
         for line in (folder / "eval.jsonl").read_text().splitlines():
             if line:
                 rows.append({**ident, "split": "validation", **_metrics(json.loads(line))})
-    if (folder / "eval_test.json").exists():
-        rows.append({**ident, "split": "test", **_metrics(json.loads((folder / "eval_test.json").read_text())),
-                     "step": cfg["max_steps"]})
+    for split in ("validation", "test"):  # `kdpo eval` of the last checkpoint; a validation one replaces that step's row
+        if (folder / f"eval_{split}.json").exists():
+            rows.append({**ident, "split": split, **_metrics(json.loads((folder / f"eval_{split}.json").read_text())),
+                         "step": cfg["max_steps"]})
     return rows
 
 

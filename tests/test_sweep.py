@@ -209,6 +209,9 @@ def test_the_fast_sweep_runs_every_variant_on_every_seed_and_evaluates_on_test(f
     # two rates: the best is always an edge, so each grid gained one rate a factor 2 beyond it (extend_grid: 1)
     assert all(g in ([5e-5, 1e-4, 1e-3], [1e-4, 1e-3, 2e-3]) for g in grids)
     assert set(table[table["split"] == "validation"]["step"]) == {2, 4}
+    last = table[(table["split"] == "validation") & (table["step"] == 4)].set_index("run")["n_generated"]
+    lr_runs = [r for r in last.index if r.endswith("_s0")]  # the rate is chosen on select_generate prompts, not eval_generate
+    assert (last[lr_runs] == 16).all() and (last.drop(lr_runs) == 8).all()
     assert (table["time/step_s"] > 0).all()  # every row carries its run's cost
     total, done = sweep.count_jobs(fast_sweep)
     assert len(pd.read_json(f"{fast_sweep.out}/jobs.jsonl", lines=True)) == total == done == 2 + 4 * (3 + 2)
