@@ -321,7 +321,8 @@ def count_jobs(cfg):
         base = {f"lr{lr:g}_s{cfg.lr_seed}" for lr in cfg.learning_rates}
         wider = [f.name for f in out.glob(f"runs/{v}/lr*_s{cfg.lr_seed}") if f.is_dir() and f.name not in base]
         total += len(wider)
-        done += sum((out / "runs" / v / name / "model").exists() for name in [*base, *wider])
+        done += sum((out / "runs" / v / name / "model").exists() and (not cfg.select_generate or (out / "runs" / v / name / "eval_validation.json").exists())
+                    for name in [*base, *wider])
         done += sum(any(out.glob(f"runs/{v}/lr*_s{s}/eval_test.json")) for s in cfg.seeds)
     return total, done
 
