@@ -64,17 +64,23 @@ class Expected:
     learning_rates: tuple = ()
     lr_seed: int = 0
     extend_grid: int = 0
+    select_generate: int = 0
 
     @classmethod
     def from_sweep(cls, path=None):
         cfg = sweep.SweepConfig.from_yaml(path or package_root() / "configs" / "sweep.yaml")
-        return cls(tuple(cfg.seeds), tuple(sweep.variants(cfg)), tuple(cfg.learning_rates), cfg.lr_seed, cfg.extend_grid)
+        return cls(tuple(cfg.seeds), tuple(sweep.variants(cfg)), tuple(cfg.learning_rates), cfg.lr_seed, cfg.extend_grid,
+                   cfg.select_generate)
 
 
 def _lr_rows(table, expected):
-    """The learning-rate runs' validation rows at the last step any run reached (a run there has finished)."""
+    """The learning-rate runs' validation rows, and those of finished runs: at the last step any run reached,
+    scored on select_generate prompts where the sweep sets it (the row the rate is chosen on)."""
     rows = table[(table["split"] == "validation") & (table["seed"] == expected.lr_seed)] if len(table) and "split" in table else table.iloc[0:0]
-    return rows, (rows[rows["step"] == rows["step"].max()] if len(rows) else rows)
+    last = rows[rows["step"] == rows["step"].max()] if len(rows) else rows
+    if expected.select_generate and len(last):
+        last = last[last["n_generated"] >= expected.select_generate]
+    return rows, last
 
 
 def _grids(table, expected):
@@ -107,7 +113,7 @@ def chosen_rates(table, expected):
     rows, last = _lr_rows(table, expected)
     if not len(rows):
         return none
-    grid = pd.concat([rows[(rows["variant"] == v) & rows["learning_rate"].isin(g)] for v, (g, done) in _grids(table, expected).items() if done]
+    grid = pd.concat([last[(last["variant"] == v) & last["learning_rate"].isin(g)] for v, (g, done) in _grids(table, expected).items() if done]
                      or [rows.iloc[0:0]])
     if not len(grid):
         return none

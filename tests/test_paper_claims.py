@@ -205,6 +205,16 @@ def test_a_grid_widened_past_its_edge_chooses_from_the_wider_grid_and_drops_test
     assert list(P.final_table(table, expected)["learning_rate"]) == [2.5e-5]
 
 
+def test_with_select_generate_a_rate_is_chosen_only_once_its_run_was_scored_on_that_many_prompts():
+    expected = P.Expected(seeds=(1,), variants=("dpo",), learning_rates=(5e-5, 1e-4), lr_seed=0, select_generate=1000)
+    val = lambda lr, r, n: {"variant": "dpo", "learning_rate": lr, "seed": 0, "split": "validation", "step": 150,
+                            "reward/policy": r, "n_generated": n}
+    table = pd.DataFrame([val(5e-5, 0.30, 1000), val(1e-4, 0.40, 96)])  # 1e-4 not yet scored on the whole split
+    assert not len(P.chosen_rates(table, expected))
+    rates = P.chosen_rates(pd.DataFrame([val(5e-5, 0.30, 1000), val(1e-4, 0.28, 1000)]), expected)
+    assert rates.loc[rates["chosen"], "learning_rate"].item() == 5e-5
+
+
 def test_costs_from_jobs_reads_the_seed_runs_cpu_seconds_and_skips_references_grid_runs_and_failures():
     jobs = pd.DataFrame([{"job": "sft/s1", "cpu_s": 150.0, "error": None},
                          {"job": "hmk/lr5e-05_s0", "cpu_s": 90.0, "error": None},
