@@ -317,8 +317,8 @@ def count_jobs(cfg):
     refs = {reference_folder(cfg, s) for s in seeds}
     names = list(variants(cfg))
     total, done = len(refs) + len(names) * (len(cfg.learning_rates) + len(cfg.seeds)), sum((r / "model").exists() for r in refs)
+    base = {f"lr{lr:g}_s{cfg.lr_seed}" for lr in cfg.learning_rates}
     for v in names:  # a grid widened past an edge (extend_grid) counts the runs started beyond it
-        base = {f"lr{lr:g}_s{cfg.lr_seed}" for lr in cfg.learning_rates}
         wider = [f.name for f in out.glob(f"runs/{v}/lr*_s{cfg.lr_seed}") if f.is_dir() and f.name not in base]
         total += len(wider)
         done += sum((out / "runs" / v / name / "model").exists() and (not cfg.select_generate or (out / "runs" / v / name / "eval_validation.json").exists())
