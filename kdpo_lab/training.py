@@ -26,6 +26,7 @@ kill cannot tear them; the data position follows from the step, so `resume=True`
 where a killed run stopped. Metrics go to `OUT/metrics.jsonl` and `OUT/eval.jsonl` (one JSON object
 per logged step, `pandas.read_json(lines=True)`), and to accelerate's trackers with `report_to`.
 """
+import atexit
 import dataclasses
 import math
 import random
@@ -123,6 +124,7 @@ def _start(cfg):
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               log_with=trackers(cfg), project_dir=str(out))
+    destroy_process_group_at_exit()
     checkpoint.check_folder(out, cfg.resume)
     if accelerator.is_main_process:
         checkpoint.prepare_folder(out, cfg.resume)
@@ -501,6 +503,21 @@ def trackers(cfg):
         raise ValueError(f"report_to: {', '.join(missing)} not installed (installed trackers: "
                          f"{', '.join(available) or 'none'}); install it or use report_to=none")
     return names
+
+
+def destroy_process_group_at_exit():
+    """Destroy torch's process group when this process exits, if it has one. A run does not destroy it
+    itself (one launch may run sft, then train), and a process that exits with it alive can abort after
+    its work is done: gloo's threads outlive the interpreter ("terminate called without an active
+    exception", exit -6, about one 2-process launch in ten here). atexit runs while Python is whole."""
+    if torch.distributed.is_initialized():
+        atexit.unregister(_destroy_process_group)  # registered once, however many runs this process starts
+        atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group():
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _finish_trackers(accelerator):

@@ -14,6 +14,7 @@ steps: the same 8 pairs per optimiser step. What must agree:
 * SFT's loss and weights likewise (its loss is normalised by the global batch's token count).
 """
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,10 @@ def record_first_step(run):  # the gradients every process holds before the firs
     step(run)
 
 training._optimizer_step = record_first_step
+# the launch (the lines above also run in the test's process)
+import atexit, os  # registered before any run's handler, so it runs after them (last in, first out)
+atexit.register(lambda: print(f"rank {os.environ['RANK']}: process group alive at exit: "
+                              f"{torch.distributed.is_initialized()}", flush=True))
 for command in " ".join(sys.argv[1:]).split(" THEN "):
     cli.main(command.split())
 '''
@@ -75,8 +80,9 @@ def runs(tmp_path_factory):
     proc = subprocess.run([*torchrun, str(worker), *args], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (tmp / "two" / "launch.log").write_text(proc.stdout)
     namespace = {}
-    exec(WORKER.split("for command")[0], namespace)  # the same recording, in this process
+    exec(WORKER.split("# the launch")[0], namespace)  # the same recording, in this process
     original, training._optimizer_step = training._optimizer_step, namespace["training"]._optimizer_step
     try:
         for command in commands(tmp / "one", batch=4):
@@ -135,6 +141,12 @@ def test_two_processes_evaluate_every_held_out_pair_like_one(runs):
         assert list(e1[key]) == list(e2[key])
     pd.testing.assert_series_equal(e1["pref/margin"], e2["pref/margin"], rtol=1e-3)
     assert e2["kl"].notna().all()  # sampled metrics: each process samples its share of the prompts
+
+
+def test_every_process_destroys_its_process_group_before_it_exits(runs):
+    # alive at exit, gloo's threads can outlive the interpreter and abort a finished run (exit -6)
+    found = re.findall(r"rank (\d): process group alive at exit: (\w+)", (runs[1] / "launch.log").read_text())
+    assert sorted(found) == [("0", "False"), ("1", "False")]
 
 
 def test_both_processes_write_one_checkpoint_folder_per_save(runs):
