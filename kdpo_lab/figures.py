@@ -1,12 +1,13 @@
 """`kdpo figures`: every figure the notebooks and the README show, redrawn into one folder from saved tables.
 
 A figure is a `Figure`: its name ("05_reward_vs_kl"), where it appears (a notebook or the README), a
-`data(ctx)` function that returns the tables behind it, and a `draw(data)` function that calls the
-plots.* function the notebook's cell calls (figures_math for notebooks 01-04 and 08's closed forms,
-figures_runs for figures drawn from training runs). For each figure, `make` writes
-OUT/NAME.png, OUT/NAME.csv (its tables; several are stacked with a `table` column first) and a row of
-OUT/manifest.csv: file, figure, source, config, commit, seed, mode, wall_s. A figure whose PNG and CSV
-exist is skipped unless force; one that fails is reported in one line and the others go on.
+`data(ctx)` function that returns the tables behind it, and a `draw(data)` function: the one the
+notebook's cell calls (figures_math, notebooks 01-04 and 08's closed forms), or one that calls the
+plots.* function the notebook's cell calls (figures_runs, figures drawn from training runs). For each
+figure, `make` writes OUT/NAME.png, OUT/NAME.csv (its tables; several are stacked with a `table` column
+first) and a row of OUT/manifest.csv: file, figure, source, config, commit, seed, mode, wall_s. A figure
+whose PNG and CSV exist is skipped unless force; one that fails is reported in one line and the others
+go on.
 
 Missing runs are made through the sweep's run driver (sweep.Job, sweep.run_job) as `kdpo` command lines
 and reused afterwards; notebooks are never executed. Fast mode (CI) makes small versions; full mode is

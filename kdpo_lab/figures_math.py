@@ -2,8 +2,12 @@
 
 Each figure is a pair of functions: `NAME_data(ctx)` returns {table name: DataFrame} (the CSV behind the
 figure) plus, under keys starting with "_", objects the drawing needs that a table cannot hold (fitted
-kernels, divergences); `NAME_draw(data)` returns the matplotlib Figure, drawn by the same plots.*
-function the notebook's cell calls. The data functions mirror the notebooks' cells line by line, with
+kernels, divergences); `NAME_draw(data)` returns the matplotlib Figure. The notebooks call the draw
+functions too: a plotting cell computes what its lesson teaches, then draws with
+`figures_math.NAME_draw(figures_math.NAME_tables(...its variables...))`, so each figure is drawn by one
+function. `NAME_tables(...)` builds the draw function's input (the same tables the data function
+returns) from the notebook's own variables; it is the glue both the notebook and the data function call.
+The data functions mirror the notebooks' computation, using these shared helpers where they exist, with
 the notebooks' sizes (ctx.fast: the notebooks' fast mode) and ctx.seed where a notebook seeds with 0;
 notebooks that share state between cells (a random generator, trained runs) share it here through one
 cached function per notebook.
@@ -24,7 +28,7 @@ def _np(x):
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _wide(x, curves, x_name="x"):
+def wide(x, curves, x_name="x"):
     """A table with column x_name and one column per curve {label: values}."""
     return pd.DataFrame({x_name: _np(x), **{k: _np(v) for k, v in curves.items()}})
 
@@ -51,12 +55,19 @@ def _nb01(fast, seed):
     return dict(r=r, pi_ref=pi_ref, w=w, l=l, pi_star=pi_star, exact=exact, sampled=sampled, n=n, n_pairs=n_pairs)
 
 
-def _responses(s):
-    return pd.DataFrame({"response": [f"y{k}" for k in range(s["n"])], "reward": _np(s["r"]), "pi_ref": _np(s["pi_ref"])})
+def responses_table(r, pi_ref):
+    """The responses y0..y{n-1} with their reward and reference probability."""
+    return pd.DataFrame({"response": [f"y{k}" for k in range(len(r))], "reward": _np(r), "pi_ref": _np(pi_ref)})
 
 
 def _labels(responses):
     return [f"{y}\nr={v:+.1f}" for y, v in zip(responses["response"], responses["reward"])]
+
+
+def bt_pairs_tables(r, pi_ref, i, j, win_rate, n_pairs):
+    """bt_pairs_draw's input: the responses, and per unordered pair {i, j} sigma(r_i - r_j) and the win rate."""
+    pairs = pd.DataFrame({"i": _np(i), "j": _np(j), "bt_probability": _np(toy.bt_matrix(r)[i, j]), "win_rate": _np(win_rate)})
+    return {"responses": responses_table(r, pi_ref), "pairs": pairs, "_n_pairs": n_pairs}
 
 
 def bt_pairs_data(ctx):
@@ -65,8 +76,7 @@ def bt_pairs_data(ctx):
     wins = torch.zeros(n, n, dtype=torch.float64).index_put_((w, l), torch.ones(len(w), dtype=torch.float64), accumulate=True)
     i, j = torch.triu_indices(n, n, offset=1)
     win_rate = wins[i, j] / (wins[i, j] + wins[j, i])
-    pairs = pd.DataFrame({"i": _np(i), "j": _np(j), "bt_probability": _np(toy.bt_matrix(s["r"])[i, j]), "win_rate": _np(win_rate)})
-    return {"responses": _responses(s), "pairs": pairs, "_n_pairs": s["n_pairs"]}
+    return bt_pairs_tables(s["r"], s["pi_ref"], i, j, win_rate, s["n_pairs"])
 
 
 def bt_pairs_draw(d):
@@ -81,16 +91,21 @@ def bt_pairs_draw(d):
     return fig
 
 
-def closed_form_data(ctx):
-    s = _nb01(ctx.fast, ctx.seed)
-    r, pi_ref, beta = s["r"], s["pi_ref"], 1.0
-    torch.manual_seed(ctx.seed)
-    random_pis = torch.distributions.Dirichlet(torch.ones(s["n"], dtype=torch.float64)).sample((5000,))
-    dists = _responses(s).assign(**{f"pi_star beta={b}": _np(p) for b, p in s["pi_star"].items()})
-    lines = pd.DataFrame([{"beta": beta, "J(pi*)": float(toy.objective(s["pi_star"][beta], r, pi_ref, beta)),
+def closed_form_tables(r, pi_ref, pi_star, random_pis, beta):
+    """closed_form_draw's input: pi_ref and pi* {beta: [n]} per response; J of random policies, J(pi*) and
+    beta log Z at one beta."""
+    dists = responses_table(r, pi_ref).assign(**{f"pi_star beta={b}": _np(p) for b, p in pi_star.items()})
+    lines = pd.DataFrame([{"beta": beta, "J(pi*)": float(toy.objective(pi_star[beta], r, pi_ref, beta)),
                            "beta log Z": float(beta * torch.log((pi_ref * torch.exp(r / beta)).sum()))}])
     return {"distributions": dists, "random_objectives": pd.DataFrame({"J": _np(toy.objective(random_pis, r, pi_ref, beta))}),
             "lines": lines}
+
+
+def closed_form_data(ctx):
+    s = _nb01(ctx.fast, ctx.seed)
+    torch.manual_seed(ctx.seed)
+    random_pis = torch.distributions.Dirichlet(torch.ones(s["n"], dtype=torch.float64)).sample((5000,))
+    return closed_form_tables(s["r"], s["pi_ref"], s["pi_star"], random_pis, beta=1.0)
 
 
 def closed_form_draw(d):
@@ -108,12 +123,17 @@ def closed_form_draw(d):
     return fig
 
 
+def loss_and_weight_tables(z, loss, weight):
+    """loss_and_weight_draw's input: the loss and its gradient weight over the margin z."""
+    return {"curves": wide(z, {"loss": loss, "weight": weight}, "z")}
+
+
 def loss_and_weight_data(ctx):
     from kdpo_lab.losses import preference_loss
     z = torch.linspace(-6, 6, 241, requires_grad=True)
     loss = preference_loss(z, beta=1.0)
     loss.sum().backward()
-    return {"curves": pd.DataFrame({"z": _np(z), "loss": _np(loss), "weight": _np(-z.grad)})}
+    return loss_and_weight_tables(z, loss, -z.grad)
 
 
 def loss_and_weight_draw(d):
@@ -123,15 +143,21 @@ def loss_and_weight_draw(d):
     return fig
 
 
+def dpo_convergence_tables(pi_star, exact, sampled):
+    """dpo_convergence_draw's input from {beta: pi*} and the trained policies {beta: [steps + 1, n]}: the
+    final policies next to pi*, and KL(pi_theta || pi*) at every step."""
+    final = pd.concat([pd.DataFrame({"beta": b, "response": [f"y{k}" for k in range(len(pi_star[b]))],
+                                     "pi_star": _np(pi_star[b]), "exact": _np(exact[b][-1]),
+                                     "sampled": _np(sampled[b][-1])}) for b in exact])
+    kl = pd.concat([pd.DataFrame({"beta": b, "step": np.arange(len(exact[b])),
+                                  "exact": _np(toy.kl(exact[b], pi_star[b])),
+                                  "sampled": _np(toy.kl(sampled[b], pi_star[b]))}) for b in exact])
+    return {"final_policies": final, "kl_to_optimum": kl}
+
+
 def dpo_convergence_data(ctx):
     s = _nb01(ctx.fast, ctx.seed)
-    final = pd.concat([pd.DataFrame({"beta": b, "response": [f"y{k}" for k in range(s["n"])],
-                                     "pi_star": _np(s["pi_star"][b]), "exact": _np(s["exact"][b][-1]),
-                                     "sampled": _np(s["sampled"][b][-1])}) for b in BETAS_01])
-    kl = pd.concat([pd.DataFrame({"beta": b, "step": np.arange(len(s["exact"][b])),
-                                  "exact": _np(toy.kl(s["exact"][b], s["pi_star"][b])),
-                                  "sampled": _np(toy.kl(s["sampled"][b], s["pi_star"][b]))}) for b in BETAS_01])
-    return {"final_policies": final, "kl_to_optimum": kl}
+    return dpo_convergence_tables(s["pi_star"], s["exact"], s["sampled"])
 
 
 def dpo_convergence_draw(d):
@@ -149,20 +175,27 @@ def dpo_convergence_draw(d):
     return fig
 
 
-def frontier_01_data(ctx):
-    s = _nb01(ctx.fast, ctx.seed)
-    r, pi_ref = s["r"], s["pi_ref"]
-    beta_grid = torch.logspace(-1.5, 1.5, 100, dtype=torch.float64)
-    frontier = torch.stack([toy.optimal_policy(r, pi_ref, b.item()) for b in beta_grid])
-    points = [{"name": rf"DPO, $\beta$={b}", "kl": float(toy.kl(s["exact"][b][-1], pi_ref)), "reward": float(s["exact"][b][-1] @ r)}
-              for b in BETAS_01] + [{"name": r"$\pi_{ref}$", "kl": 0.0, "reward": float(pi_ref @ r)}]
+def frontier_01_tables(r, pi_ref, beta_grid, frontier, points, exact, sampled):
+    """frontier_01_draw's input: the closed-form frontier pi*(beta) over beta_grid, the points
+    {name: (KL, reward)}, and the implicit rewards beta rho(y) of the trained policies, centred."""
+    points = pd.DataFrame([{"name": name, "kl": float(kl), "reward": float(reward)} for name, (kl, reward) in points.items()])
     centre = lambda v: _np(v - v.mean())
     implicit = pd.concat([pd.DataFrame({"beta": b, "reward_centred": centre(r),
-                                        "exact_centred": centre(b * (s["exact"][b][-1].log() - pi_ref.log())),
-                                        "sampled_centred": centre(b * (s["sampled"][b][-1].log() - pi_ref.log()))})
-                          for b in BETAS_01])
+                                        "exact_centred": centre(b * (exact[b][-1].log() - pi_ref.log())),
+                                        "sampled_centred": centre(b * (sampled[b][-1].log() - pi_ref.log()))})
+                          for b in exact])
     return {"frontier": pd.DataFrame({"beta": _np(beta_grid), "kl": _np(toy.kl(frontier, pi_ref)), "reward": _np(frontier @ r)}),
-            "points": pd.DataFrame(points), "implicit_reward": implicit}
+            "points": points, "implicit_reward": implicit}
+
+
+def frontier_01_data(ctx):
+    s = _nb01(ctx.fast, ctx.seed)
+    r, pi_ref, exact = s["r"], s["pi_ref"], s["exact"]
+    beta_grid = torch.logspace(-1.5, 1.5, 100, dtype=torch.float64)
+    frontier = torch.stack([toy.optimal_policy(r, pi_ref, b.item()) for b in beta_grid])
+    points = {rf"DPO, $\beta$={b}": (toy.kl(exact[b][-1], pi_ref), exact[b][-1] @ r) for b in BETAS_01}
+    points[r"$\pi_{ref}$"] = (0.0, pi_ref @ r)
+    return frontier_01_tables(r, pi_ref, beta_grid, frontier, points, exact, s["sampled"])
 
 
 def frontier_01_draw(d):
@@ -234,13 +267,19 @@ def _profile_table(K, x, v, direction):
     return pd.DataFrame({"direction": direction, "angle_deg": np.degrees(_np(theta)), **table})
 
 
+def kernel_profiles_tables(K, x0, top, low):
+    """kernel_profiles_draw's input: the kernels {name: Kernel} along the great circles from x0 towards
+    the directions top and low."""
+    table = pd.concat([_profile_table(K, x0, top, "top principal"), _profile_table(K, x0, low, "lowest variance")])
+    return {"profiles": table, "_kernels": K, "_vectors": (x0, top, low)}
+
+
 def kernel_profiles_data(ctx):
     s = _nb02(ctx.fast, ctx.seed)
     x0, pool = s["E"][0], s["pool"]
     top = s["K"]["spectral"].U[:, 0]
     low = torch.linalg.svd(pool - pool.mean(0), full_matrices=True).Vh[-1]
-    table = pd.concat([_profile_table(s["K"], x0, top, "top principal"), _profile_table(s["K"], x0, low, "lowest variance")])
-    return {"profiles": table, "_kernels": s["K"], "_vectors": (x0, top, low)}
+    return kernel_profiles_tables(s["K"], x0, top, low)
 
 
 def kernel_profiles_draw(d):
@@ -253,14 +292,19 @@ def kernel_profiles_draw(d):
     return fig
 
 
-def gram_matrices_data(ctx):
-    s = _nb02(ctx.fast, ctx.seed)
+def gram_matrices_tables(K, E, labels):
+    """gram_matrices_draw's input: every kernel's Gram matrix over the embeddings E, rows and columns labelled."""
     rows = []
     with torch.no_grad():
-        for name, k in s["K"].items():
-            G = _np(k.gram(s["E"]))
-            rows += [{"kernel": name, "i": s["labels"][i], "j": s["labels"][j], "K": G[i, j]} for i in range(12) for j in range(12)]
-    return {"gram": pd.DataFrame(rows), "_kernels": s["K"], "_E": s["E"], "_labels": s["labels"]}
+        for name, k in K.items():
+            G = _np(k.gram(E))
+            rows += [{"kernel": name, "i": labels[i], "j": labels[j], "K": G[i, j]} for i in range(len(E)) for j in range(len(E))]
+    return {"gram": pd.DataFrame(rows), "_kernels": K, "_E": E, "_labels": labels}
+
+
+def gram_matrices_data(ctx):
+    s = _nb02(ctx.fast, ctx.seed)
+    return gram_matrices_tables(s["K"], s["E"], s["labels"])
 
 
 def gram_matrices_draw(d):
@@ -268,15 +312,25 @@ def gram_matrices_draw(d):
     return axes[0].figure
 
 
+def kernel_margins_tables(margins, pair_names):
+    """kernel_margins_draw's input: the margins {kernel name: [B]} of the named pairs."""
+    return {"margins": pd.DataFrame({"pair": pair_names, **{k: _np(m) for k, m in margins.items()}})}
+
+
 def kernel_margins_data(ctx):
-    margins = _margins_02(_nb02(ctx.fast, ctx.seed))
-    return {"margins": pd.DataFrame({"pair": PAIR_NAMES_02, **{k: _np(m) for k, m in margins.items()}})}
+    return kernel_margins_tables(_margins_02(_nb02(ctx.fast, ctx.seed)), PAIR_NAMES_02)
 
 
 def kernel_margins_draw(d):
     t = d["margins"]
     ax = plots.plot_kernel_margins({c: torch.tensor(t[c].to_numpy()) for c in t if c != "pair"}, pair_labels=list(t["pair"]))
     return ax.figure
+
+
+def gradient_weight_tables(delta, curves, gammas, start, gamma, pair_name):
+    """gradient_weight_draw's input: the weight curves {label: values} over beta (rho_w - rho_l) = delta at
+    kernel weight gamma, and the starting weights {kernel: values} over gammas of the pair pair_name."""
+    return {"weight_over_margin": wide(delta, curves), "weight_over_gamma": wide(gammas, start), "_gamma": gamma, "_pair": pair_name}
 
 
 def gradient_weight_data(ctx):
@@ -300,8 +354,7 @@ def gradient_weight_data(ctx):
         curves[f"{name} (m = {margins['rbf'][pair]:+.2f})"] = gradient_weight(pair, gamma)
     gammas, pair = torch.linspace(0, 10, 51), int(margins["rbf"].argmax())
     start = {name: torch.sigmoid(-gammas * m[pair]) for name, m in margins.items()}
-    return {"weight_over_margin": _wide(delta, curves), "weight_over_gamma": _wide(gammas, start),
-            "_gamma": gamma, "_pair": PAIR_NAMES_02[pair]}
+    return gradient_weight_tables(delta, curves, gammas, start, gamma, PAIR_NAMES_02[pair])
 
 
 def gradient_weight_draw(d):
@@ -347,22 +400,19 @@ def _nb03(fast, seed):
     logq = ref_logits.log_softmax(-1)
     logp_T = (ref_logits / temperatures[:, None]).log_softmax(-1)
     logp_shift = (ref_logits + shifts[:, None] * direction).log_softmax(-1)
-    out["by_T"] = _wide(temperatures, {n: d.penalty(logp_T, logq.expand_as(logp_T)) for n, d in seven.items()}, "temperature")
-    out["by_shift"] = _wide(shifts, {n: d.penalty(logp_shift, logq.expand_as(logp_shift)) for n, d in seven.items()}, "shift")
+    by_T = {n: d.penalty(logp_T, logq.expand_as(logp_T)).numpy() for n, d in seven.items()}
+    by_shift = {n: d.penalty(logp_shift, logq.expand_as(logp_shift)).numpy() for n, d in seven.items()}
     c_drift = seven["wasserstein"].ground_cost(torch.arange(v_drift)).numpy()
-    out["w1_exact"] = pd.DataFrame({"shift": _np(shifts[::4]), "exact W1 (POT)": [
-        ot.emd2(logp_shift[i].exp().numpy(), logq.exp().numpy(), c_drift, numItermax=10**7) for i in range(0, 29, 4)]})
+    w1_exact = [ot.emd2(logp_shift[i].exp().numpy(), logq.exp().numpy(), c_drift, numItermax=10**7) for i in range(0, 29, 4)]
+    out["penalties"] = penalties_drift_tables(temperatures, by_T, shifts, by_shift, shifts[::4], w1_exact)
 
     v_small = 30
     logp = (2 * torch.randn(n_pairs, v_small, generator=g)).log_softmax(-1)
     logq = (2 * torch.randn(n_pairs, v_small, generator=g)).log_softmax(-1)
-    rows = []
-    for a in (0.3, 0.5, 0.8):
-        rows.append(pd.DataFrame({"relation": f"renyi a={a}", "x": _np(D.get("alpha", alpha=1 - a).penalty(logp, logq)),
-                                  "y": _np(D.get("renyi", order=a).penalty(logp, logq))}))
-    rows.append(pd.DataFrame({"relation": "bhattacharyya", "x": _np(D.get("hellinger").penalty(logp, logq)),
-                              "y": _np(D.get("bhattacharyya").penalty(logp, logq))}))
-    out["relations"] = pd.concat(rows)
+    relations = {f"renyi a={a}": (D.get("alpha", alpha=1 - a).penalty(logp, logq), D.get("renyi", order=a).penalty(logp, logq))
+                 for a in (0.3, 0.5, 0.8)}
+    relations["bhattacharyya"] = (D.get("hellinger").penalty(logp, logq), D.get("bhattacharyya").penalty(logp, logq))
+    out["relations"] = renyi_bhattacharyya_tables(relations)
 
     v_w = 20
     e_w = torch.randn(v_w, 8, generator=g, dtype=torch.float64)
@@ -374,8 +424,6 @@ def _nb03(fast, seed):
     approx = [D.get("wasserstein", token_embeddings=e_w, k=v_w, epsilon=eps, n_iter=100).penalty(lp, lq).numpy() for eps in epsilons]
     entropy = lambda lg: -(lg.exp() * lg).sum(-1)
     bound = [eps * float(torch.maximum(entropy(lp), entropy(lq)).mean()) for eps in epsilons]
-    out["sinkhorn"] = pd.DataFrame([{"epsilon": eps, "pair": i, "sinkhorn": a[i], "exact W1": exact[i], "bound": bnd}
-                                    for eps, a, bnd in zip(epsilons, approx, bound) for i in range(n_pairs)])
     v_big = 400 if fast else 2000
     e_big = torch.randn(v_big, 16, generator=g, dtype=torch.float64)
     c_big = D.get("wasserstein", token_embeddings=e_big).ground_cost(torch.arange(v_big)).numpy()
@@ -383,22 +431,25 @@ def _nb03(fast, seed):
     lq_big = (3 * torch.randn(4, v_big, generator=g, dtype=torch.float64)).log_softmax(-1)
     exact_big = np.array([ot.emd2(lp_big[i].exp().numpy(), lq_big[i].exp().numpy(), c_big, numItermax=10**7) for i in range(4)])
     ks = [1, 2, 4, 8, 16, 32] if fast else [1, 2, 4, 8, 16, 32, 64, 128]
-    rows = []
+    rel_err, dropped = [], []
     for k in ks:
         w_k = D.get("wasserstein", token_embeddings=e_big, k=k, epsilon=0.02, n_iter=100).penalty(lp_big, lq_big)
-        rows.append({"k": k, "relative error": float(np.mean(np.abs(w_k.numpy() - exact_big) / exact_big)),
-                     "mass outside top-k": float((1 - lp_big.exp().topk(k, dim=-1).values.sum(-1)).mean())})
-    out.update(support=pd.DataFrame(rows), v_w=v_w, v_big=v_big)
+        rel_err.append(float(np.mean(np.abs(w_k.numpy() - exact_big) / exact_big)))
+        dropped.append(float((1 - lp_big.exp().topk(k, dim=-1).values.sum(-1)).mean()))
+    out["sinkhorn"] = sinkhorn_tables(epsilons, approx, exact, bound, ks, rel_err, dropped, v_w, v_big)
     return out
 
 
-def generators_links_data(ctx):
-    s = _nb03(ctx.fast, ctx.seed)
-    u, rho = torch.linspace(0.02, 4, 300), torch.linspace(-6, 6, 241)
+def generators_links_tables(linked, u, rho):
+    """generators_links_draw's input: the generators f(u) and the links s(rho) of the divergences {label: divergence}."""
     with torch.no_grad():
-        gen = _wide(u, {n: d.generator(u.double()) for n, d in s["linked"].items()}, "u")
-        link = _wide(rho, {n: d.link(rho.double()) for n, d in s["linked"].items()}, "rho")
-    return {"generators": gen, "links": link, "_linked": s["linked"]}
+        gen = wide(u, {n: d.generator(u.double()) for n, d in linked.items()}, "u")
+        link = wide(rho, {n: d.link(rho.double()) for n, d in linked.items()}, "rho")
+    return {"generators": gen, "links": link, "_linked": linked}
+
+
+def generators_links_data(ctx):
+    return generators_links_tables(_nb03(ctx.fast, ctx.seed)["linked"], torch.linspace(0.02, 4, 300), torch.linspace(-6, 6, 241))
 
 
 def generators_links_draw(d):
@@ -410,10 +461,16 @@ def generators_links_draw(d):
     return fig
 
 
+def link_gradients_tables(linked, rho, grad_w, beta):
+    """link_gradients_draw's input: the slopes s'(rho) of the links {label: divergence}, and the gradients
+    {label: |dL / d rho_w|} over rho at beta."""
+    slope = wide(rho, {n: D.link_slope(d, rho) for n, d in linked.items()}, "rho")
+    return {"slopes": slope, "gradients": wide(rho, grad_w, "rho"), "_linked": linked, "_beta": beta}
+
+
 def link_gradients_data(ctx):
     s = _nb03(ctx.fast, ctx.seed)
-    slope = _wide(s["rho"], {n: D.link_slope(d, s["rho"]) for n, d in s["linked"].items()}, "rho")
-    return {"slopes": slope, "gradients": _wide(s["rho"], s["grad_w"], "rho"), "_linked": s["linked"], "_beta": s["beta"]}
+    return link_gradients_tables(s["linked"], s["rho"], s["grad_w"], s["beta"])
 
 
 def link_gradients_draw(d):
@@ -428,9 +485,15 @@ def link_gradients_draw(d):
     return fig
 
 
+def penalties_drift_tables(temperatures, by_T, shifts, by_shift, w1_shifts, w1_exact):
+    """penalties_drift_draw's input: the penalties {name: values} over temperatures and over shifts, and the
+    exact W1 at the shifts w1_shifts."""
+    return {"by_temperature": wide(temperatures, by_T, "temperature"), "by_shift": wide(shifts, by_shift, "shift"),
+            "exact_w1": pd.DataFrame({"shift": _np(w1_shifts), "exact W1 (POT)": w1_exact})}
+
+
 def penalties_drift_data(ctx):
-    s = _nb03(ctx.fast, ctx.seed)
-    return {"by_temperature": s["by_T"], "by_shift": s["by_shift"], "exact_w1": s["w1_exact"]}
+    return dict(_nb03(ctx.fast, ctx.seed)["penalties"])
 
 
 def penalties_drift_draw(d):
@@ -451,8 +514,13 @@ def penalties_drift_draw(d):
     return fig
 
 
+def renyi_bhattacharyya_tables(relations):
+    """renyi_bhattacharyya_draw's input: relations {"renyi a=A" or "bhattacharyya": (x values, y values)}."""
+    return {"relations": pd.concat([pd.DataFrame({"relation": name, "x": _np(x), "y": _np(y)}) for name, (x, y) in relations.items()])}
+
+
 def renyi_bhattacharyya_data(ctx):
-    return {"relations": _nb03(ctx.fast, ctx.seed)["relations"]}
+    return dict(_nb03(ctx.fast, ctx.seed)["relations"])
 
 
 def renyi_bhattacharyya_draw(d):
@@ -477,9 +545,17 @@ def renyi_bhattacharyya_draw(d):
     return fig
 
 
+def sinkhorn_tables(epsilons, approx, exact, bound, ks, rel_err, dropped, v_w, v_big):
+    """sinkhorn_draw's input: per epsilon and pair the Sinkhorn value, the exact W1 and the bound
+    (vocabulary v_w); per support size k the relative error and the mass dropped (vocabulary v_big)."""
+    sinkhorn = pd.DataFrame([{"epsilon": eps, "pair": i, "sinkhorn": a[i], "exact W1": exact[i], "bound": bnd}
+                             for eps, a, bnd in zip(epsilons, approx, bound) for i in range(len(exact))])
+    support = pd.DataFrame({"k": ks, "relative error": rel_err, "mass outside top-k": dropped})
+    return {"sinkhorn": sinkhorn, "support": support, "_v": (v_w, v_big)}
+
+
 def sinkhorn_data(ctx):
-    s = _nb03(ctx.fast, ctx.seed)
-    return {"sinkhorn": s["sinkhorn"], "support": s["support"], "_v": (s["v_w"], s["v_big"])}
+    return dict(_nb03(ctx.fast, ctx.seed)["sinkhorn"])
 
 
 def sinkhorn_draw(d):
@@ -530,12 +606,18 @@ def _nb04(fast, seed):
     return dict(n=n, e_x=e_x, e_w=e_w, e_l=e_l, single=single, accuracy=accuracy, runs=runs, strong=strong)
 
 
-def _accuracy_table(s, kernels_):
-    return pd.DataFrame({name: s["accuracy"](k) for name, k in kernels_.items()}).T.rename_axis("kernel").reset_index()
+def accuracy_tables(table):
+    """kernel_accuracy_draw's and accuracy_summary_draw's input: the accuracies, one row per kernel (its index)."""
+    return {"accuracy": table.rename_axis("kernel").reset_index()}
+
+
+def _accuracies(s, kernels_):
+    return pd.DataFrame({name: s["accuracy"](k) for name, k in kernels_.items()}).T
 
 
 def kernel_accuracy_data(ctx):
-    return {"accuracy": _accuracy_table(_nb04(ctx.fast, ctx.seed), _nb04(ctx.fast, ctx.seed)["single"])}
+    s = _nb04(ctx.fast, ctx.seed)
+    return accuracy_tables(_accuracies(s, s["single"]))
 
 
 def _accuracy_bars(table, title, size=None):
@@ -576,15 +658,23 @@ def rbf_bandwidth_draw(d):
     return fig
 
 
-def _histories(runs):
+def hmk_histories(runs):
+    """The training histories of the HMK runs {eta: (kernel, history)}, stacked with an eta column."""
     return pd.concat([h.assign(eta=eta) for eta, (_, h) in runs.items()])
+
+
+def hmk_eta_tables(runs, component_std):
+    """hmk_eta_draw's input: the histories of the runs {eta: (kernel, history)} and the margin std
+    {component: std} of each fitted component."""
+    return {"history": hmk_histories(runs),
+            "component_margin_std": pd.Series(component_std).rename_axis("component").reset_index(name="std")}
 
 
 def hmk_eta_data(ctx):
     s = _nb04(ctx.fast, ctx.seed)
     std = {c: kernels.kernel_margin(k, s["e_x"], s["e_w"], s["e_l"]).std(unbiased=False).item()
            for c, k in zip(kernels.HMKKernel.COMPONENTS, s["single"]["hmk (uniform)"].components())}
-    return {"history": _histories(s["runs"]), "component_margin_std": pd.Series(std).rename_axis("component").reset_index(name="std")}
+    return hmk_eta_tables(s["runs"], std)
 
 
 def _weight_panels(axes, history, gamma):
@@ -610,8 +700,13 @@ def hmk_eta_draw(d):
     return fig
 
 
+def hmk_strong_tables(strong):
+    """hmk_strong_draw's input: the histories of the runs {eta: (kernel, history)}."""
+    return {"history": hmk_histories(strong)}
+
+
 def hmk_strong_data(ctx):
-    return {"history": _histories(_nb04(ctx.fast, ctx.seed)["strong"])}
+    return hmk_strong_tables(_nb04(ctx.fast, ctx.seed)["strong"])
 
 
 def hmk_strong_draw(d):
@@ -625,7 +720,7 @@ def accuracy_summary_data(ctx):
     every = dict(s["single"])
     every.update({f"hmk trained, eta={eta}": hmk for eta, (hmk, _) in s["runs"].items()})
     every.update({f"hmk, gamma=10, eta={eta}": hmk for eta, (hmk, _) in s["strong"].items()})
-    return {"accuracy": _accuracy_table(s, every)}
+    return accuracy_tables(_accuracies(s, every))
 
 
 def accuracy_summary_draw(d):
@@ -650,14 +745,19 @@ def pair_grid_draw(d):
 GIB = 2**30
 
 
+def param_counts_tables(counts, P):
+    """param_counts_draw's input: the trainable parameters per recipe (the index) of a model of P parameters."""
+    return {"counts": counts.rename_axis("recipe").reset_index(), "_P": P}
+
+
 def param_counts_data(ctx):
     from kdpo_lab import models
     cfg7 = models.llama_7b_config()
     P, ranks = models.param_count(cfg7), (4, 8, 16, 64)
-    counts = pd.DataFrame({"recipe": ["full fine-tuning"] + [f"LoRA r={r}" for r in ranks],
-                           "trainable parameters": [P] + [models.lora_param_count(cfg7, r) for r in ranks]})
+    counts = pd.DataFrame({"trainable parameters": [P] + [models.lora_param_count(cfg7, r) for r in ranks]},
+                          index=["full fine-tuning"] + [f"LoRA r={r}" for r in ranks])
     counts["% of the model"] = 100 * counts["trainable parameters"] / P
-    return {"counts": counts, "_P": P}
+    return param_counts_tables(counts, P)
 
 
 def param_counts_draw(d):
@@ -674,6 +774,12 @@ def _tokenizer_08():
     return models.build_tokenizer(kdata.sft_texts(kdata.load_pairs(kdata.SUITE_DIR, split="train", limit=400)[0]), vocab_size=512)
 
 
+def lora_drift_tables(drift):
+    """lora_drift_draw's input: the drifts {label: one value per DPO step, from step 1}."""
+    steps = len(next(iter(drift.values())))
+    return {"drift": wide(np.arange(1, steps + 1), drift, "step")}
+
+
 def lora_drift_data(ctx):
     from kdpo_lab import data as kdata
     from kdpo_lab import models
@@ -687,7 +793,7 @@ def lora_drift_data(ctx):
     history = models.dpo_on_batch(model, batch, steps=15, lr=1e-2, beta=0.1)
     drift = {"max |log pi - log pi_base|": [(h["policy"] - base_logps).abs().max().item() for h in history],
              "max |log pi_ref - log pi_base|": [(h["reference"] - base_logps).abs().max().item() for h in history]}
-    return {"drift": _wide(np.arange(1, 16), drift, "step")}
+    return lora_drift_tables(drift)
 
 
 def lora_drift_draw(d):
@@ -695,11 +801,16 @@ def lora_drift_draw(d):
     return ax.figure
 
 
+def bf16_error_tables(lengths, errors):
+    """bf16_error_draw's input: the errors {label: one value per length} over the response lengths."""
+    return {"errors": wide(lengths, errors, "tokens")}
+
+
 def bf16_error_data(ctx):
     from kdpo_lab import models
     lengths, reps = [1, 4, 16, 64, 256] + ([] if ctx.fast else [1024]), 3 if ctx.fast else 8
     errors = models.logp_rounding_error(lengths, vocab_size=32000, reps=reps, seed=ctx.seed)
-    return {"errors": _wide(lengths, errors, "tokens")}
+    return bf16_error_tables(lengths, errors)
 
 
 def bf16_error_draw(d):
@@ -707,6 +818,12 @@ def bf16_error_draw(d):
                           title="summed log-probs from bf16 logits, V = 32000")
     ax.set(xscale="log", yscale="log")
     return ax.figure
+
+
+def memory_tables(memory, lengths, curves):
+    """memory_draw's input: the memory (GiB) by part (columns) per scenario (the index), and the totals
+    {label: GiB per length} over the sequence lengths."""
+    return {"breakdown_gib": memory.rename_axis("scenario").reset_index(), "total_by_length_gib": wide(lengths, curves, "seq_len")}
 
 
 def memory_data(ctx):
@@ -721,12 +838,12 @@ def memory_data(ctx):
 
     scenarios = {f"{'LoRA r=16' if r else 'full'}, {dt}{', ckpt' if gc else ''}": (dt, r, gc)
                  for dt, r in (("fp32", None), ("bf16", None), ("bf16", 16)) for gc in (False, True)}
-    memory = pd.DataFrame({name: scenario(*args) for name, args in scenarios.items()}).T.rename_axis("scenario").reset_index()
+    memory = pd.DataFrame({name: scenario(*args) for name, args in scenarios.items()}).T
     lengths = [256, 512, 1024, 2048, 4096]
     curves = {f"LoRA bf16, {pairs} pair{'s' if pairs > 1 else ''}{', ckpt' if gc else ''}":
               [models.memory_estimate(cfg7, "bf16", lora_rank=16, batch=2 * pairs, seq_len=s, gradient_checkpointing=gc)["total"] / GIB
                for s in lengths] for pairs in (1, 4) for gc in (False, True)}
-    return {"breakdown_gib": memory, "total_by_length_gib": _wide(lengths, curves, "seq_len")}
+    return memory_tables(memory, lengths, curves)
 
 
 def memory_draw(d):
