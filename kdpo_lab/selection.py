@@ -394,7 +394,7 @@ def validate(table, results, value="result", n_boot=1000, seed=0):
     if len(merged) < 3:
         raise ValueError(f"validate needs results for at least 3 pairs of the table; got {len(merged)}")
     score, achieved = merged.score.to_numpy(), merged[value].to_numpy(dtype=float)
-    rho = stats.spearmanr(score, achieved).statistic
+    rho = stats.spearmanr(score, achieved).statistic if np.ptp(score) > 0 and np.ptp(achieved) > 0 else np.nan
     rng = np.random.default_rng(seed)
     boot = []
     for _ in range(n_boot):
