@@ -207,23 +207,29 @@ def ours_step(name, loss, out, steps, warmup, data=None, max_length=96):
     return list(pd.read_json(run / "metrics.jsonl", lines=True)["time/step_cpu_s"].iloc[warmup:]), run
 
 
+TRL_FP32 = "TRL DPOTrainer (sigmoid, precomputed reference; fp32, as ours)"
+TRL_BF16 = "TRL DPOTrainer, its CPU default (bf16 autocast)"
+
+
 def bench_steps(variants, steps, warmup, rounds, tmp, with_trl=True, data=None, max_length=96):
     """Median step ms per variant, the variants run round-robin `rounds` times (each run: `steps` steps, the
-    first `warmup` untimed); TRL's DPOTrainer takes its turn in every round."""
+    first `warmup` untimed); TRL's DPOTrainer takes its turns in every round, in fp32 as ours (`bf16=False`:
+    the comparison on the same model, data, batch and precision) and at its own CPU default (DPOConfig's
+    bf16=True: autocast), for information. "x TRL" is against the fp32 row."""
     times, runs, trl_info = defaultdict(list), {}, ""
     for r in range(rounds):
         for name, loss in variants.items():
             t, runs[name] = ours_step(name, loss, Path(tmp) / f"{name.split()[0]}{r}", steps, warmup, data, max_length)
             times[f"kdpo_lab {name}"] += t
-        if with_trl:
+        for label, bf16 in ((TRL_FP32, False), (TRL_BF16, True)) if with_trl else ():
             try:
-                t, trl_info = trl_step(steps, warmup, runs[next(iter(variants))], max_length)
-                times["TRL DPOTrainer (sigmoid, precomputed reference)"] += t
+                t, trl_info = trl_step(steps, warmup, runs[next(iter(variants))], max_length, bf16)
+                times[label] += t
             except Exception as error:  # report, do not hide: the table says why the row is missing
                 trl_info = f"TRL DPOTrainer failed: {type(error).__name__}: {error}"
     med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     base = med[f"kdpo_lab {next(iter(variants))}"]
-    trl_ms = med.get("TRL DPOTrainer (sigmoid, precomputed reference)", float("nan"))
+    trl_ms = med.get(TRL_FP32, float("nan"))
     rows = [{"training": k, "step CPU ms": v, "x DPO (ours)": v / base, "x TRL": v / trl_ms,
              "steps timed": len(times[k])} for k, v in med.items()]
     return rows, runs, trl_info or "not run (--skip-trl-trainer)"
@@ -244,10 +250,11 @@ def token_lengths(out):
             f"(length-grouped: {width(lengths):.1f})")
 
 
-def trl_step(steps, warmup, out, max_length=96):
+def trl_step(steps, warmup, out, max_length=96, bf16=False):
     """TRL's DPOTrainer on the same Llama config, tokenizer and pairs (prompt rendered with the same chat
     template), 8 pairs per step, reference log-probs precomputed (as kdpo_lab does). ref_model must be
-    given explicitly for a model built from a config (anchor-notes)."""
+    given explicitly for a model built from a config (anchor-notes). bf16: DPOConfig's bf16, which TRL
+    turns on by default, on CPU too (autocast); kdpo_lab trains in fp32 unless asked."""
     import datasets
     from transformers import PrinterCallback, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -273,7 +280,7 @@ def trl_step(steps, warmup, out, max_length=96):
     args = DPOConfig(output_dir=str(out.parent / "trl"), per_device_train_batch_size=8, max_steps=steps,
                      learning_rate=5e-4, beta=0.1, logging_steps=10**6, save_strategy="no", report_to="none",
                      use_cpu=True, precompute_ref_log_probs=True, max_length=cfg.max_length, disable_tqdm=True,
-                     dataloader_num_workers=0, seed=0, lr_scheduler_type="constant")
+                     dataloader_num_workers=0, seed=0, lr_scheduler_type="constant", bf16=bf16)
     trainer = DPOTrainer(model=model, ref_model=models.frozen_copy(model), args=args, train_dataset=dataset,
                          processing_class=tok, callbacks=[Timer()])
     trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print every log dict
