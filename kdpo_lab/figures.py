@@ -1,9 +1,11 @@
 """`kdpo figures`: every figure the notebooks and the README show, redrawn into one folder from saved tables.
 
 A figure is a `Figure`: its name ("05_reward_vs_kl"), where it appears (a notebook or the README), a
-`data(ctx)` function that returns the tables behind it, and a `draw(data)` function: the one the
-notebook's cell calls (figures_math, notebooks 01-04 and 08's closed forms), or one that calls the
-plots.* function the notebook's cell calls (figures_runs, figures drawn from training runs). For each
+`data(ctx)` function that returns the tables behind it, and a `draw(data)` function. Notebooks 01-09
+draw every figure with that draw function themselves (figures_math: closed forms; figures_runs:
+training runs), on tables a `NAME_tables` helper builds from the cell's variables; the data function
+builds its tables with the same helper. Notebook 10 and `kdpo quickstart` (the README's pictures) make
+the plots.* calls their figures' draw functions make. For each
 figure, `make` writes OUT/NAME.png, OUT/NAME.csv (its tables; several are stacked with a `table` column
 first) and a row of OUT/manifest.csv: file, figure, source, config, commit, seed, mode, wall_s. A figure
 whose PNG and CSV exist is skipped unless force; one that fails is reported in one line and the others

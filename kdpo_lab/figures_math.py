@@ -860,10 +860,15 @@ def memory_draw(d):
 
 # ---- 09: how many eigenvalues an alpha needs ---------------------------------------------------------
 
+def alpha_reliability_tables(experiment):
+    """alpha_reliability_draw's input: spectra_reliability.reliability_experiment's table."""
+    return {"experiment": experiment}
+
+
 def alpha_reliability_data(ctx):
     from kdpo_lab import spectra_reliability
     sizes, n_seeds = ((16, 32, 64, 128, 256, 384), 10) if ctx.fast else ((16, 32, 64, 128, 256, 384, 512), 50)
-    return {"experiment": spectra_reliability.reliability_experiment(sizes=sizes, n_seeds=n_seeds, alphas=(3.0,), aspects=(1,))}
+    return alpha_reliability_tables(spectra_reliability.reliability_experiment(sizes=sizes, n_seeds=n_seeds, alphas=(3.0,), aspects=(1,)))
 
 
 def alpha_reliability_draw(d):

@@ -9,8 +9,15 @@ a handful of steps), so its figures are smoke tests of the same path, not result
 figures come from `kdpo quickstart` (--fast in fast mode), as the README says.
 
 As in figures_math, `NAME_data(ctx)` returns {table: DataFrame} (the CSV) plus "_"-keys the drawing
-needs; "_config" names what the runs were (the manifest's config column). Mirrors of notebook cells
-that compute a figure's data inline are marked "mirrors notebook NN".
+needs ("_config" names what the runs were: the manifest's config column), and `NAME_draw(data)` returns
+the matplotlib Figure. The notebooks call the draw functions: a plotting cell trains or reads its runs
+and computes what its lesson teaches, then draws with
+`figures_runs.NAME_draw(figures_runs.NAME_tables(...its variables...))`. `NAME_tables(...)` builds the
+draw function's input from the notebook's variables in the notebook's own form (dicts of run tables
+keyed by run name, the summary tables the cells compute); the data functions read the runs' folders,
+build that form and call the same helpers, so each figure's table glue is written once. Data functions
+that recompute a notebook cell's summary of its runs (a pick, an interval, a ratio) are marked
+"mirrors notebook NN".
 """
 import contextlib
 import functools
@@ -182,13 +189,18 @@ def _nb05(ctx):
             "evals": {n: _read(r / "eval.jsonl") for n, r in runs.items()}, "config": _mode_note(ctx, "notebook 05's runs")}
 
 
+def sft_loss_tables(sft_log):
+    """sft_loss_draw's input: the SFT run's metrics.jsonl as read."""
+    return {"sft_metrics": sft_log}
+
+
 def sft_loss_data(ctx):
     s = _nb05(ctx)
-    return {"sft_metrics": s["sft"], "_config": s["config"]}
+    return {**sft_loss_tables(s["sft"]), "_config": s["config"]}
 
 
 def sft_loss_draw(d):
-    """mirrors notebook 05 cell 6: the SFT loss and its last held-out loss."""
+    """Notebook 05's SFT loss and its last held-out loss."""
     log = d["sft_metrics"]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     plots.plot_training_curves({"SFT": log}, keys=("loss",), axes=[ax])
@@ -200,9 +212,14 @@ def sft_loss_draw(d):
     return fig
 
 
+def dpo_curves_tables(metrics):
+    """dpo_curves_draw's input from the runs' metrics {run name: metrics.jsonl as read}: one long table."""
+    return {"metrics": _long(metrics)}
+
+
 def dpo_curves_data(ctx):
     s = _nb05(ctx)
-    return {"metrics": _long(s["metrics"]), "_config": s["config"]}
+    return {**dpo_curves_tables(s["metrics"]), "_config": s["config"]}
 
 
 def dpo_curves_draw(d):
@@ -211,9 +228,14 @@ def dpo_curves_draw(d):
     return fig
 
 
+def eval_curves_tables(evals):
+    """eval_curves_draw's input from the runs' evaluations {run name: eval.jsonl as read}: one long table."""
+    return {"evals": _long(evals)}
+
+
 def eval_curves_data(ctx):
     s = _nb05(ctx)
-    return {"evals": _long(s["evals"]), "_config": s["config"]}
+    return {**eval_curves_tables(s["evals"]), "_config": s["config"]}
 
 
 def eval_curves_draw(d):
@@ -226,9 +248,14 @@ def eval_curves_draw(d):
     return fig
 
 
+def by_family_tables(evals):
+    """by_family_draw's input from the runs' evaluations {run name: eval.jsonl as read}: each run's last one."""
+    return {"final": _finals(evals, "run")}
+
+
 def by_family_data(ctx):
     s = _nb05(ctx)
-    return {"final": _finals(s["evals"], "run"), "_config": s["config"]}
+    return {**by_family_tables(s["evals"]), "_config": s["config"]}
 
 
 def by_family_draw(d):
@@ -315,9 +342,15 @@ def _grid_of(table):
     return grid, {m: marks[m] for m in sorted(marks, key=lambda m: order.index(m) if m in order else 9)}
 
 
+def selection_heatmap_tables(sel, rules):
+    """selection_heatmap_draw's input from notebook 06's selection (report.selection) and rules of thumb
+    (report.rules): the whole suite's score grid, long, with the marked cells."""
+    return {"scores": _grid_long(sel, rules, "all")}
+
+
 def selection_heatmap_data(ctx):
     s = _nb06(ctx)
-    return {"scores": _grid_long(s["sel"], s["rules"], "all"), "_config": s["config"]}
+    return {**selection_heatmap_tables(s["sel"], s["rules"]), "_config": s["config"]}
 
 
 def selection_heatmap_draw(d):
@@ -325,9 +358,15 @@ def selection_heatmap_draw(d):
     return plots.plot_selection_heatmap(grid, marks=marks, title="selection score, whole suite (our metrics)").figure
 
 
+def selection_by_family_tables(sel, rules):
+    """selection_by_family_draw's input from notebook 06's selection and rules of thumb: every family's
+    score grid, long, with the marked cells (column group: the family)."""
+    return {"scores": pd.concat([_grid_long(sel, rules, g) for g in sel.tables if g != "all"])}
+
+
 def selection_by_family_data(ctx):
     s = _nb06(ctx)
-    return {"scores": pd.concat([_grid_long(s["sel"], s["rules"], g) for g in s["sel"].tables if g != "all"]), "_config": s["config"]}
+    return {**selection_by_family_tables(s["sel"], s["rules"]), "_config": s["config"]}
 
 
 def selection_by_family_draw(d):
@@ -344,6 +383,18 @@ def _t_half(delta):
     return stats.t.ppf(0.975, len(delta) - 1) * delta.std(ddof=1) / np.sqrt(len(delta)) if len(delta) > 1 else np.nan
 
 
+RUN_COLUMNS_06 = ["kernel", "divergence", "seed", "reward", "accuracy", "kl"]
+"""The columns of notebook 06's `results` (one row per run) that pickers' table keeps."""
+
+
+def pickers_tables(side_by_side, results):
+    """pickers_draw's input from notebook 06's `side_by_side` (per picker: mean, low and high of its reward
+    minus plain DPO's, and its pairs) and `results` (one row per run)."""
+    pickers = side_by_side.rename_axis("picker").reset_index()
+    pickers[["mean", "low", "high"]] = pickers[["mean", "low", "high"]].astype(float)
+    return {"pickers": pickers, "runs": results[RUN_COLUMNS_06]}
+
+
 def pickers_data(ctx):
     """mirrors notebook 06 cell 13: each picker's reward minus plain DPO's, paired by seed, with a t interval."""
     s = _nb06(ctx)
@@ -357,13 +408,13 @@ def pickers_data(ctx):
 
     pickers = {"our score": [s["ours"]], "rule of thumb (recalled)": [s["rule"]],
                f"random pair (mean of {len(s['random_pairs'])})": s["random_pairs"]}
-    rows = []
+    rows = {}
     for name, picks in pickers.items():
         delta = (reward_of(picks) - dpo).to_numpy()
         half = _t_half(delta)
-        rows.append({"picker": name, "mean": delta.mean(), "low": delta.mean() - half, "high": delta.mean() + half,
-                     "pairs": ", ".join("+".join(p) for p in picks)})
-    return {"pickers": pd.DataFrame(rows), "runs": results, "_config": s["config"]}
+        rows[name] = {"mean": delta.mean(), "low": delta.mean() - half, "high": delta.mean() + half,
+                      "pairs": ", ".join("+".join(p) for p in picks)}
+    return {**pickers_tables(pd.DataFrame(rows).T, results), "_config": s["config"]}
 
 
 def pickers_draw(d):
@@ -405,10 +456,16 @@ def _entropy_07(df):
     return sum(-(df[g] * np.log(df[g])).sum(axis=1) for g in groups)
 
 
+def hmk_training_tables(metrics, seed, entropy=_entropy_07):
+    """hmk_training_draw's input from notebook 07's `metrics` {(variant, seed): metrics.jsonl as read}: the
+    two HMK runs of `seed`, each with its mixture entropy entropy(df) per logged step."""
+    frames = {name: metrics[name, seed].assign(entropy=entropy(metrics[name, seed])) for name in (HMK_07, HMK0_07)}
+    return {"metrics": _long(frames), "_seed": seed}
+
+
 def hmk_training_data(ctx):
     s = _nb07(ctx)
-    frames = {name: s["metrics"][name, ctx.seed].assign(entropy=lambda df: _entropy_07(df)) for name in (HMK_07, HMK0_07)}
-    return {"metrics": _long(frames), "_seed": ctx.seed, "_config": s["config"]}
+    return {**hmk_training_tables(s["metrics"], ctx.seed), "_config": s["config"]}
 
 
 def hmk_training_draw(d):
@@ -429,6 +486,22 @@ def hmk_training_draw(d):
     return fig
 
 
+FINAL_COLUMNS_07 = ["variant", "seed", "accuracy", "reward", "kl", "step_s"]
+"""The columns of notebook 07's `finals` (one row per run) that hmk_vs_dpo's table keeps."""
+
+
+def hmk_vs_dpo_tables(versus, finals):
+    """hmk_vs_dpo_draw's input from notebook 07's `versus` (per variant, plain DPO first: "KEY - DPO" and
+    "KEY - DPO, 95% half-width" for KEY accuracy and reward) and `finals` (one row per run): each
+    variant's mean difference to plain DPO with its interval."""
+    rows = []
+    for name in versus.index.drop("plain DPO"):
+        for key in ("accuracy", "reward"):
+            mean, half = versus.loc[name, f"{key} - DPO"], versus.loc[name, f"{key} - DPO, 95% half-width"]
+            rows.append({"variant": name, "metric": key, "mean": mean, "low": mean - half, "high": mean + half})
+    return {"versus_dpo": pd.DataFrame(rows), "runs": finals[FINAL_COLUMNS_07]}
+
+
 def hmk_vs_dpo_data(ctx):
     """mirrors notebook 07 cell 8: plain DPO, the best single kernel and HMK, each minus plain DPO by seed."""
     s = _nb07(ctx)
@@ -436,15 +509,15 @@ def hmk_vs_dpo_data(ctx):
     mean = finals.groupby("variant")[["accuracy", "reward"]].mean()
     best_single = mean.loc[list(kernels.PAPER_FOUR), "reward"].idxmax()
     dpo = finals[finals.variant == "plain DPO"].set_index("seed")
-    rows = []
-    for name in (best_single, HMK_07, HMK0_07):
+    rows = {}
+    for name in ("plain DPO", best_single, HMK_07, HMK0_07):
         runs = finals[finals.variant == name].set_index("seed")
+        row = {"accuracy": runs.accuracy.mean(), "reward": runs.reward.mean()}
         for key in ("accuracy", "reward"):
             delta = (runs[key] - dpo[key]).to_numpy()
-            half = _t_half(delta)
-            rows.append({"variant": name if name != best_single else f"best single: {name}", "metric": key,
-                         "mean": delta.mean(), "low": delta.mean() - half, "high": delta.mean() + half})
-    return {"versus_dpo": pd.DataFrame(rows), "runs": finals, "_config": s["config"]}
+            row.update({f"{key} - DPO": delta.mean(), f"{key} - DPO, 95% half-width": _t_half(delta)})
+        rows[name if name != best_single else f"best single: {name}"] = row
+    return {**hmk_vs_dpo_tables(pd.DataFrame(rows).T, finals), "_config": s["config"]}
 
 
 def hmk_vs_dpo_draw(d):
@@ -457,13 +530,18 @@ def hmk_vs_dpo_draw(d):
     return fig
 
 
+def step_cost_tables(cost):
+    """step_cost_draw's input from notebook 07's `cost` (per variant: "median step time (s)" and "x plain
+    DPO"), in the order plain DPO, the four single kernels, HMK, HMK with eta = 0."""
+    return {"cost": cost.reindex(["plain DPO", *kernels.PAPER_FOUR, HMK_07, HMK0_07]).rename_axis("variant").reset_index()}
+
+
 def step_cost_data(ctx):
     """mirrors notebook 07 cell 10: median step time per run, mean over seeds, over plain DPO's."""
     s = _nb07(ctx)
     cost = s["finals"].groupby("variant")["step_s"].mean().rename("median step time (s)").to_frame()
     cost["x plain DPO"] = cost.iloc[:, 0] / cost.loc["plain DPO"].iloc[0]
-    cost = cost.reindex(["plain DPO", *kernels.PAPER_FOUR, HMK_07, HMK0_07]).rename_axis("variant").reset_index()
-    return {"cost": cost, "_config": s["config"]}
+    return {**step_cost_tables(cost), "_config": s["config"]}
 
 
 def step_cost_draw(d):
@@ -475,11 +553,17 @@ def step_cost_draw(d):
     return ax.figure
 
 
+def kernel_share_tables(kernel_runs, seed):
+    """kernel_share_draw's input from notebook 07's `kernel_runs` {variant: metrics.jsonl of its run on
+    `seed`}: step, the kernel term's share of |z| and sd(m), one long table."""
+    keep = ["step", "kernel/share", "kernel/margin_std"]
+    return {"metrics": _long({n: df[[c for c in keep if c in df]] for n, df in kernel_runs.items()}), "_seed": seed}
+
+
 def kernel_share_data(ctx):
     s = _nb07(ctx)
-    runs = {name: s["metrics"][name, ctx.seed] for name in (*kernels.PAPER_FOUR, HMK_07, HMK0_07)}
-    keep = ["step", "kernel/share", "kernel/margin_std"]
-    return {"metrics": _long({n: df[[c for c in keep if c in df]] for n, df in runs.items()}), "_seed": ctx.seed, "_config": s["config"]}
+    kernel_runs = {name: s["metrics"][name, ctx.seed] for name in (*kernels.PAPER_FOUR, HMK_07, HMK0_07)}
+    return {**kernel_share_tables(kernel_runs, ctx.seed), "_config": s["config"]}
 
 
 def kernel_share_draw(d):
@@ -507,7 +591,7 @@ def rehearsal_data(ctx):
     from kdpo_lab.figures_math import _tokenizer_08
     scale, out = (1 / 16 if ctx.fast else 1 / 4), _runs_dir(ctx, "nb08")
     _tokenizer_08().save_pretrained(out / "tokenizer")
-    rows, timelines = [], []
+    results, timelines = {}, {}
     for gc in (False, True):
         name = f"scale {scale:g}, " + ("checkpointing" if gc else "no checkpointing")
         cfg = TrainConfig(output_dir=str(out / f"rehearsal_{scale:g}_{'ckpt' if gc else 'nockpt'}"), data=str(kdata.SUITE_DIR),
@@ -524,18 +608,30 @@ def rehearsal_data(ctx):
         pairs, report = loading.read_pairs(cfg, "train", cfg.max_train_pairs)
         T = kdata.collate(loading.encode(cfg, tokenizer, pairs, report, "train"), tokenizer.pad_token_id)["input_ids"].shape[1]
         config = models.shape_config("llama-7b-shape", scale, vocab_size=len(tokenizer))
-        rows.append({"run": name, **models.memory_row(config, 8, batch=16, seq_len=T, gradient_checkpointing=gc),
-                     "measured MB": steady["allocated_mb"].max()})
-        timelines.append(_peaks(timeline).assign(run=name))
-        timelines.append(pd.DataFrame({"run": name, "t_s": step_ends, "allocated_mb": np.nan}))
-    return {"rehearsal": pd.DataFrame(rows), "timeline": pd.concat(timelines)[["run", "t_s", "allocated_mb"]],
+        results[name] = {**models.memory_row(config, 8, batch=16, seq_len=T, gradient_checkpointing=gc),
+                         "measured MB": steady["allocated_mb"].max()}
+        timelines[name] = (timeline, step_ends)
+    return {**rehearsal_tables(pd.DataFrame.from_dict(results, orient="index"), timelines),
             "_config": f"llama-7b-shape x {scale:g}, LoRA r=8, bf16, 4 steps of 8 pairs"}
+
+
+def rehearsal_tables(rehearsal, timelines):
+    """rehearsal_draw's input from notebook 08's `rehearsal` (one row per run, indexed by its name: the
+    estimates and the measured MB) and `timelines` {run: (memory timeline, optimizer step ends)}, a timeline
+    None where there is none (a GPU run): each timeline's peaks (`_peaks`), then its step ends as rows
+    without allocated_mb."""
+    parts = []
+    for name, (timeline, step_ends) in timelines.items():
+        if timeline is not None:
+            parts.append(_peaks(timeline).assign(run=name))
+        parts.append(pd.DataFrame({"run": name, "t_s": list(step_ends), "allocated_mb": np.nan}))
+    return {"rehearsal": rehearsal.rename_axis("run").reset_index(), "timeline": pd.concat(parts)[["run", "t_s", "allocated_mb"]]}
 
 
 def _peaks(timeline, bins=2000):
     """The memory timeline at most `bins` rows long: the largest allocation in each time bin, at the
-    bin's first event (the profiler records every allocation: 10^5 rows for four steps). Peaks survive;
-    the figure is the envelope of the notebook's."""
+    bin's first event (the profiler records every allocation: 10^5 rows for four steps). Peaks survive:
+    the figure, in notebook 08 too, draws this envelope of the full timeline."""
     if len(timeline) <= bins:
         return timeline[["t_s", "allocated_mb"]]
     b = np.minimum((timeline["t_s"] / timeline["t_s"].max() * bins).astype(int), bins - 1)
@@ -548,8 +644,11 @@ def rehearsal_draw(d):
     name = [r for r in rehearsal.index if r.endswith(", checkpointing")][0]
     t = d["timeline"][d["timeline"]["run"] == name]
     step_ends = t[t["allocated_mb"].isna()]["t_s"].to_numpy()
-    plots.plot_memory_timeline(t.dropna(subset=["allocated_mb"]), step_ends, estimate=rehearsal.loc[name, "estimate MB"], ax=axes[0],
-                               title=f"tensor memory during training.train ({name})")
+    if t["allocated_mb"].notna().any():
+        plots.plot_memory_timeline(t.dropna(subset=["allocated_mb"]), step_ends, estimate=rehearsal.loc[name, "estimate MB"], ax=axes[0],
+                                   title=f"tensor memory during training.train ({name})")
+    else:  # a GPU run: no CPU memory timeline
+        axes[0].text(0.5, 0.5, "on a GPU: see torch.cuda.memory_summary()", ha="center", transform=axes[0].transAxes)
     plots.plot_grouped_bars(rehearsal[["measured MB", "estimate MB", "estimate without LoRA inputs MB"]], ax=axes[1],
                             title="peak of a training step", ylabel="MB")
     axes[1].legend(fontsize=7, loc="upper right")
@@ -571,9 +670,14 @@ def _nb09(ctx):
                 delta=pd.read_csv(out / "spectra" / "delta_alpha.csv"), config=_mode_note(ctx, "spectra_runs.train_htsr_runs"))
 
 
+def alpha_by_layer_tables(layers, delta_alpha):
+    """alpha_by_layer_draw's input: analyse_runs' layers.csv and delta_alpha.csv as read."""
+    return {"layers": layers, "delta_alpha": delta_alpha}
+
+
 def alpha_by_layer_data(ctx):
     s = _nb09(ctx)
-    return {"layers": s["layers"], "delta_alpha": s["delta"], "_config": s["config"]}
+    return {**alpha_by_layer_tables(s["layers"], s["delta"]), "_config": s["config"]}
 
 
 def alpha_by_layer_draw(d):
@@ -593,12 +697,16 @@ def esd_data(ctx):
     layer = spectra_runs.esd_layer(s["layers"][s["layers"]["run"] == first])
     moved = summary.drop(index=0)["mean_delta_alpha"].abs()
     other = summary.loc[moved.idxmax(), "run"] if moved.notna().any() else summary["run"].iloc[-1]
-    eig, fits = [], []
-    for run in (first, other):
-        lam, row = spectra.esd_data(by_name[run], layer)
-        eig.append(pd.DataFrame({"run": run, "eigenvalue": lam}))
-        fits.append(row.to_frame().T.assign(run=run))
-    return {"eigenvalues": pd.concat(eig), "fit": pd.concat(fits), "_config": s["config"]}
+    esds = {run: spectra.esd_data(by_name[run], layer) for run in (first, other)}
+    return {**esd_tables(esds), "_config": s["config"]}
+
+
+def esd_tables(esds):
+    """esd_draw's input from {run: spectra.esd_data(run, layer)}, i.e. {run: (eigenvalues, the layer's
+    layer_table row)}: the eigenvalues and the fits, one long table each."""
+    eig = [pd.DataFrame({"run": run, "eigenvalue": lam}) for run, (lam, _) in esds.items()]
+    fits = [row.to_frame().T.assign(run=run) for run, (_, row) in esds.items()]
+    return {"eigenvalues": pd.concat(eig), "fit": pd.concat(fits)}
 
 
 def esd_draw(d):
@@ -612,9 +720,17 @@ def esd_draw(d):
     return fig
 
 
+def alpha_vs_gap_tables(summary):
+    """alpha_vs_gap_draw's (and alpha_and_gap_by_setting_draw's) input: analyse_runs' summary, one row per run."""
+    return {"summary": summary}
+
+
+alpha_and_gap_by_setting_tables = alpha_vs_gap_tables  # the two figures share their table
+
+
 def alpha_vs_gap_data(ctx):
     s = _nb09(ctx)
-    return {"summary": s["summary"], "_config": s["config"]}
+    return {**alpha_vs_gap_tables(s["summary"]), "_config": s["config"]}
 
 
 def alpha_vs_gap_draw(d):

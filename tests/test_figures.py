@@ -115,10 +115,11 @@ def test_a_mode_other_than_fast_or_full_is_refused():
 # ---- every plotting cell of the notebooks has a figure --------------------------------------------
 
 def plotting_cells(notebook):
-    """Sources of the code cells that draw: a plots.* or figures_math.*_draw call, or a stored image output."""
+    """Sources of the code cells that draw: a plots.* or figures_math/figures_runs.*_draw call, or a stored
+    image output."""
     cells = json.loads(Path(notebook).read_text())["cells"]
     return ["".join(c["source"]) for c in cells if c["cell_type"] == "code" and (
-        re.search(r"\bplots\.\w+\(|\bfigures_math\.\w+_draw\(", "".join(c["source"])) or
+        re.search(r"\bplots\.\w+\(|\bfigures_(?:math|runs)\.\w+_draw\(", "".join(c["source"])) or
         any("image/png" in o.get("data", {}) for o in c.get("outputs", [])))]
 
 
@@ -145,18 +146,20 @@ def test_every_plotting_cell_of_a_notebook_has_a_registered_figure(notebook):
     assert used <= drawn, f"{notebook.name}: plots.{sorted(used - drawn)} in a cell but in no figure's draw"
 
 
-# notebooks 01-04 and 08 draw with the library: 08's rehearsal figure comes from training runs (figures_runs)
-LIBRARY_DRAWN = {"01": (), "02": (), "03": (), "04": (), "08": ("08_rehearsal_memory",)}
+# notebooks 01-09 draw every figure with the library's draw function, called by its module's name:
+# figures_math (closed forms) or figures_runs (training runs); notebook 10 draws the committed tables
+LIBRARY_DRAWN = [f"{n:02d}" for n in range(1, 10)]
+DRAW_MODULES = {figures_math.__name__: "figures_math", figures_runs.__name__: "figures_runs"}
 
 
-@pytest.mark.parametrize("stem", sorted(LIBRARY_DRAWN))
-def test_a_math_notebook_draws_each_of_its_figures_with_the_library_draw_function(stem):
+@pytest.mark.parametrize("stem", LIBRARY_DRAWN)
+def test_a_notebook_draws_each_of_its_figures_with_the_library_draw_function(stem):
     notebook = figures.NB[stem]
     code = ["".join(c["source"]) for c in json.loads((package_root() / notebook).read_text())["cells"] if c["cell_type"] == "code"]
-    registered = [f for f in figures.REGISTRY.values() if f.source == notebook and f.name not in LIBRARY_DRAWN[stem]]
-    assert registered and all(f.draw.__module__ == figures_math.__name__ for f in registered), notebook
-    missing = [f"{f.name}: figures_math.{f.draw.__name__}(" for f in registered
-               if not any(f"figures_math.{f.draw.__name__}(" in source for source in code)]
+    registered = [f for f in figures.REGISTRY.values() if f.source == notebook]
+    assert registered and all(f.draw.__module__ in DRAW_MODULES for f in registered), notebook
+    calls = {f.name: f"{DRAW_MODULES[f.draw.__module__]}.{f.draw.__name__}(" for f in registered}
+    missing = [f"{name}: {call}" for name, call in calls.items() if not any(call in source for source in code)]
     assert not missing, f"{notebook}: no code cell calls {missing}"
 
 

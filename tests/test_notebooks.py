@@ -18,9 +18,9 @@ COURSE = [p for p in ALL if "/" not in p]  # the course itself; solutions/ holds
 # image and path checks below then hold for them too. Never weaken the checks instead.
 PENDING_RESAVE = set()
 
-# A cell plots when it calls pyplot, a kdpo_lab.plots function, a figures_math draw function, or pandas' / an
-# Axes' plot methods.
-PLOTS = re.compile(r"\bplt\.|\bplots\.plot_|\bfigures_math\.\w+_draw\(|\.plot\(|\.plot\.|\.imshow\(|\.hist\(")
+# A cell plots when it calls pyplot, a kdpo_lab.plots function, a figures_math or figures_runs draw function,
+# or pandas' / an Axes' plot methods.
+PLOTS = re.compile(r"\bplt\.|\bplots\.plot_|\bfigures_(?:math|runs)\.\w+_draw\(|\.plot\(|\.plot\.|\.imshow\(|\.hist\(")
 MACHINE_PATHS = ("/tmp/", "/work/", "/home/", "/Users/")
 
 
