@@ -4,8 +4,9 @@ A figure is a `Figure`: its name ("05_reward_vs_kl"), where it appears (a notebo
 `data(ctx)` function that returns the tables behind it, and a `draw(data)` function. Notebooks 01-09
 draw every figure with that draw function themselves (figures_math: closed forms; figures_runs:
 training runs), on tables a `NAME_tables` helper builds from the cell's variables; the data function
-builds its tables with the same helper. Notebook 10 and `kdpo quickstart` (the README's pictures) make
-the plots.* calls their figures' draw functions make. For each
+builds its tables with the same helper. Notebook 10 builds its tables with paper_figures' functions and
+draws each with the one plots.* call its figure's draw function makes; `kdpo quickstart` draws the
+README's pictures with quickstart.draw_*, which the README figures' draw functions call. For each
 figure, `make` writes OUT/NAME.png, OUT/NAME.csv (its tables; several are stacked with a `table` column
 first) and a row of OUT/manifest.csv: file, figure, source, config, commit, seed, mode, wall_s. A figure
 whose PNG and CSV exist is skipped unless force; one that fails is reported in one line and the others

@@ -141,8 +141,8 @@ def qs_training_curves_data(ctx):
 
 
 def qs_training_curves_draw(d):
-    axes = plots.plot_training_curves(_split(d["metrics"]))
-    return axes[0].figure
+    from kdpo_lab import quickstart  # imported here: it sets matplotlib's Agg backend, wrong in a notebook
+    return quickstart.draw_training_curves(_split(d["metrics"]))
 
 
 def qs_reward_vs_kl_data(ctx):
@@ -151,10 +151,8 @@ def qs_reward_vs_kl_data(ctx):
 
 
 def qs_reward_vs_kl_draw(d):
-    evals = _split(d["evals"])
-    last = pd.DataFrame([e.iloc[-1] for e in evals.values()])
-    ref = last["reward/reference"].mean() if "reward/reference" in last else None
-    return plots.plot_reward_vs_kl(evals, reference_reward=ref).figure
+    from kdpo_lab import quickstart
+    return quickstart.draw_reward_vs_kl(_split(d["evals"]))
 
 
 def qs_winrate_data(ctx):
@@ -163,7 +161,8 @@ def qs_winrate_data(ctx):
 
 
 def qs_winrate_draw(d):
-    return plots.plot_by_family(d["final"].set_index("variant"), "winrate/").figure
+    from kdpo_lab import quickstart
+    return quickstart.draw_winrate(d["final"].set_index("variant"))
 
 
 # ---- notebook 05: one SFT reference, three aligned runs --------------------------------------------

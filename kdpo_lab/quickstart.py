@@ -82,16 +82,34 @@ def write_report(runs, out):
                              "winrate", "time/step_s", "memory/peak_mb") if c in table]
     (out / "results.md").write_text(markdown_table(table[main_cols]))
 
-    plots.plot_training_curves(metrics)
+    draw_training_curves(metrics)
     _save(out / "training_curves.png")
-    ref_reward = table["reward/reference"].mean() if "reward/reference" in table else None
-    plots.plot_reward_vs_kl(evals, reference_reward=ref_reward)
+    draw_reward_vs_kl(evals)
     _save(out / "reward_vs_kl.png")
     if "winrate" in table:
-        plots.plot_by_family(table.set_index("variant"), "winrate/")
+        draw_winrate(table.set_index("variant"))
         _save(out / "winrate_by_family.png")
     (out / "samples.json").write_text(json.dumps({n: e.iloc[-1].get("samples", []) for n, e in evals.items()}, indent=1))
     return table[main_cols]
+
+
+# The README's three quickstart figures; `kdpo figures` draws them with these functions too.
+
+def draw_training_curves(metrics):
+    """Training curves of every variant, {variant: its metrics.jsonl as read}."""
+    return plots.plot_training_curves(metrics)[0].figure
+
+
+def draw_reward_vs_kl(evals):
+    """Held-out reward against KL along training, {variant: its eval.jsonl as read}, with the reference's reward."""
+    last = pd.DataFrame([e.iloc[-1] for e in evals.values()])
+    ref_reward = last["reward/reference"].mean() if "reward/reference" in last else None
+    return plots.plot_reward_vs_kl(evals, reference_reward=ref_reward).figure
+
+
+def draw_winrate(final):
+    """Win rate against the reference per task family, from each variant's last evaluation (index: variant)."""
+    return plots.plot_by_family(final, "winrate/").figure
 
 
 def math_demo(out):

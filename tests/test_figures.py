@@ -169,6 +169,16 @@ def test_the_readmes_four_quickstart_figures_are_registered():
         assert png in readme and f"readme_{png.removesuffix('.png')}" in figures.REGISTRY
 
 
+def test_kdpo_quickstart_draws_the_readmes_figures_with_the_functions_kdpo_figures_uses():
+    import inspect
+
+    from kdpo_lab import quickstart
+    report = inspect.getsource(quickstart.write_report)
+    for name, fn in (("readme_training_curves", "draw_training_curves"), ("readme_reward_vs_kl", "draw_reward_vs_kl"),
+                     ("readme_winrate_by_family", "draw_winrate")):
+        assert f"quickstart.{fn}(" in inspect.getsource(figures.REGISTRY[name].draw) and f"{fn}(" in report
+
+
 def test_the_readme_counts_the_figures_the_registry_holds():
     counts = {int(n) for n in re.findall(r"the (\d+) figures", (package_root() / "README.md").read_text())}
     assert counts == {len(figures.REGISTRY)}, f"README says {sorted(counts)} figures; the registry holds {len(figures.REGISTRY)}"
