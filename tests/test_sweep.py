@@ -255,7 +255,7 @@ def test_the_table_is_the_same_however_the_runs_were_run(fast_sweep, tmp_path):
 
 def test_the_full_sweep_config_follows_the_protocol():
     cfg = SweepConfig.from_yaml("configs/sweep.yaml")
-    assert len(sweep.variants(cfg)) == 33 and len(cfg.learning_rates) == 3 and cfg.extend_grid == 1  # an edge best is bracketed
+    assert len(sweep.variants(cfg)) == 33 and len(cfg.learning_rates) == 3 and cfg.extend_grid == 2  # an edge best is bracketed
     assert len(cfg.seeds) >= 5 and cfg.lr_seed not in cfg.seeds  # the rate's validation luck stays out
     assert cfg.test_generate == 1000  # kdpo eval reads at least n_generate test pairs (runs._pairs)
     assert sweep.count_jobs(SweepConfig.from_yaml("configs/sweep.yaml", out="/nonexistent"))[0] == 6 + 33 * 8
