@@ -29,9 +29,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-from kdpo_lab import kernels, package_root, plots, selection, spectra_runs, sweep
+from kdpo_lab import kernels, package_root, plots, selection, spectra_runs, sweep, sweep_stats
 from kdpo_lab.sweep_table import write_table
 
 SIZE_KEYS = ("d_model", "n_layers", "n_heads", "vocab_size", "max_steps", "warmup_steps", "max_train_pairs", "max_eval_pairs",
@@ -377,11 +376,6 @@ def selection_by_family_draw(d):
     return fig
 
 
-def _t_half(delta):
-    delta = np.asarray(delta, dtype=float)
-    return stats.t.ppf(0.975, len(delta) - 1) * delta.std(ddof=1) / np.sqrt(len(delta)) if len(delta) > 1 else np.nan
-
-
 RUN_COLUMNS_06 = ["kernel", "divergence", "seed", "reward", "accuracy", "kl"]
 """The columns of notebook 06's `results` (one row per run) that pickers' table keeps."""
 
@@ -410,7 +404,7 @@ def pickers_data(ctx):
     rows = {}
     for name, picks in pickers.items():
         delta = (reward_of(picks) - dpo).to_numpy()
-        half = _t_half(delta)
+        half = sweep_stats.t_half_width(delta)
         rows[name] = {"mean": delta.mean(), "low": delta.mean() - half, "high": delta.mean() + half,
                       "pairs": ", ".join("+".join(p) for p in picks)}
     return {**pickers_tables(pd.DataFrame(rows).T, results), "_config": s["config"]}
@@ -514,7 +508,7 @@ def hmk_vs_dpo_data(ctx):
         row = {"accuracy": runs.accuracy.mean(), "reward": runs.reward.mean()}
         for key in ("accuracy", "reward"):
             delta = (runs[key] - dpo[key]).to_numpy()
-            row.update({f"{key} - DPO": delta.mean(), f"{key} - DPO, 95% half-width": _t_half(delta)})
+            row.update({f"{key} - DPO": delta.mean(), f"{key} - DPO, 95% half-width": sweep_stats.t_half_width(delta)})
         rows[name if name != best_single else f"best single: {name}"] = row
     return {**hmk_vs_dpo_tables(pd.DataFrame(rows).T, finals), "_config": s["config"]}
 

@@ -3,10 +3,11 @@ a Slurm array of its `--list`, by hand): one row per evaluation of a run.
 
 A run folder OUT/runs/VARIANT/lrRATE_sSEED holds config.yaml, eval.jsonl (the validation evaluations
 during training, one per line) and, once `kdpo eval RUN --split test` ran, eval_test.json. Each
-becomes a row. A learning-rate run scored again on more validation prompts (eval_validation.json, the
-sweep's `select_generate`) has that evaluation as its last step's validation row instead. A row: identity (variant, kernel, divergence, loss_type, learning_rate, seed, run), split
+becomes a row: identity (variant, kernel, divergence, loss_type, learning_rate, seed, run), split
 ("validation" or "test"), step, the metrics of `evaluation.evaluate`, and the run's cost (median
-time/step_s, peak memory/peak_mb of its training).
+time/step_s, peak memory/peak_mb of its training). A learning-rate run scored again on more validation
+prompts (eval_validation.json, the sweep's `select_generate`) has that evaluation as its last step's
+validation row instead.
 """
 import json
 import os
